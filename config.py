@@ -1,0 +1,388 @@
+"""The single source of truth for every constant of the lab.
+
+Architecture, training, precision, ablation and queue settings are frozen dataclasses; named
+presets combine them; overrides are validated by name. Importing this module never imports
+torch, so the daemon and the CLI stay light.
+
+    >>> cfg = preset("tiny", arch="reasoner", d_model=32)
+    >>> cfg.model.d_model
+    32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# The architecture used when a caller names none; `LAB_MODEL_ARCH` overrides it.
+MODEL_ARCH = "refiner"
+ARCHS = ("refiner", "reasoner")
+
+TOKENIZER_NAME = "r50k_base"
+TOKENIZER_VOCAB = 50257
+TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+class ConfigError(ValueError):
+    """A bad preset, key, type or value. The message is one line and names the field."""
+
+
+def _meta(lo: float | None = None, hi: float | None = None, doc: str = "") -> dict[str, Any]:
+    return {"min": lo, "max": hi, "doc": doc}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata=_meta(lo, hi, doc))
+
+
+class _Validated:
+    """Mixin: every construction checks types, choices and ranges of all fields."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            checked = _check_value(type(self).__name__, f.name, hints[f.name], value, f.metadata)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+        self._check_relations()
+
+    def _check_relations(self) -> None:
+        pass
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
+    """Return `value` (coerced int->float, list->tuple) or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    where = f"{owner}.{name}"
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_check_value(owner, name, inner, v, meta) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    lo, hi = (meta.get("min"), meta.get("max")) if meta else (None, None)
+    if lo is not None and value < lo or hi is not None and value > hi:
+        span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{where}: {value!r} is out of range (allowed: {span})")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Model, training, precision
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
+    arch: Literal["refiner", "reasoner"] = "refiner"
+    vocab_size: int = _f(TOKENIZER_VOCAB, 2, 1_000_000, "ids >= vocab_size fold into the last id")
+    block_size: int = _f(256, 8, 65_536, "context length in tokens")
+    d_model: int = _f(256, 8, 8192)
+    n_heads: int = _f(4, 1, 128)
+    mlp_hidden: int = _f(0, 0, 65_536, "SwiGLU hidden width; 0 means 8/3 * d_model rounded to 64")
+    n_prelude: int = _f(2, 0, 128, "refiner: causal blocks before the shared loop")
+    n_layers: int = _f(4, 1, 128, "reasoner: blocks it owns (the most it can apply)")
+    depth_min: int = _f(1, 1, 128, "training depth range (refiner: loop passes K; reasoner: layers)")
+    depth_max: int = _f(6, 1, 128)
+    depth_eval: int = _f(4, 1, 128, "depth at inference unless n_steps is given")
+    depth_dist: Literal["uniform", "poisson"] = "uniform"
+    backprop_steps: int = _f(4, 1, 128, "refiner: gradients flow through the last N passes only")
+    activation_checkpointing: bool = False
+    rope_base: float = _f(10_000.0, 1.0, 1e9)
+    norm_eps: float = _f(1e-6, 0.0, 1.0)
+    gate_bias_init: float = _f(0.0, -10.0, 10.0, "refiner: sigmoid(bias) is the initial blend")
+    init_std: float = _f(0.02, 0.0, 1.0)
+    loss_chunk_tokens: int = _f(2048, 16, 1 << 24, "rows of logits computed at once in the loss")
+
+    def _check_relations(self) -> None:
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"ModelConfig.n_heads: d_model={self.d_model} must split into {self.n_heads} "
+                "heads of even size"
+            )
+        if self.depth_min > self.depth_max:
+            raise ConfigError(f"ModelConfig.depth_min: {self.depth_min} > depth_max {self.depth_max}")
+        if self.arch == "reasoner" and self.depth_max > self.n_layers:
+            raise ConfigError(
+                f"ModelConfig.depth_max: {self.depth_max} > n_layers {self.n_layers} "
+                "(the reasoner cannot apply more layers than it owns)"
+            )
+        if self.arch == "reasoner" and self.depth_eval > self.n_layers:
+            raise ConfigError(f"ModelConfig.depth_eval: {self.depth_eval} > n_layers {self.n_layers}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return ((8 * self.d_model // 3) + 63) // 64 * 64
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Validated):
+    batch_size: int = _f(16, 1, 65_536)
+    grad_accum: int = _f(1, 1, 4096)
+    lr: float = _f(6e-4, 0.0, 10.0)
+    min_lr: float = _f(6e-5, 0.0, 10.0)
+    warmup_steps: int = _f(100, 0, 10_000_000)
+    max_steps: int = _f(2000, 1, 100_000_000, "budget in optimizer steps (and the cosine length)")
+    max_seconds: float = _f(0.0, 0.0, 1e9, "wall-clock budget; 0 means steps only")
+    weight_decay: float = _f(0.1, 0.0, 10.0)
+    beta1: float = _f(0.9, 0.0, 1.0)
+    beta2: float = _f(0.95, 0.0, 1.0)
+    grad_clip: float = _f(1.0, 0.0, 1e6, "0 disables clipping")
+    eval_interval: int = _f(200, 1, 100_000_000)
+    eval_batches: int = _f(20, 1, 100_000)
+    log_interval: int = _f(10, 1, 100_000_000)
+    ckpt_interval: int = _f(200, 1, 100_000_000)
+    val_fraction: float = _f(0.05, 0.0, 0.5, "tail of the token stream held out for eval")
+    seed: int = _f(1337, 0, 2**31 - 1)
+    threads: int = _f(0, 0, 1024, "torch CPU threads; 0 leaves torch's default")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig(_Validated):
+    # Turing (RTX 2060) has fp16 tensor cores and no bfloat16; there is no bfloat16 choice.
+    cuda_dtype: Literal["float16", "float32"] = "float16"
+    cpu_dtype: Literal["float32"] = "float32"
+    grad_scaler_init: float = _f(2.0**16, 1.0, 2.0**32)
+    grad_scaler_growth_interval: int = _f(2000, 1, 1_000_000)
+    # RMSNorm and the loss always run in fp32; these are statements of the policy, not knobs.
+    norm_fp32: Literal[True] = True
+    loss_fp32: Literal[True] = True
+    gpu_memory_fraction: float = _f(0.0, 0.0, 1.0, "cap the card (0 = no cap)")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    precision: PrecisionConfig = PrecisionConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Config:
+        return Config(
+            name=d["name"],
+            model=ModelConfig(**d["model"]),
+            train=TrainConfig(**d["train"]),
+            precision=PrecisionConfig(**d.get("precision", {})),
+        )
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "precision": PrecisionConfig}
+
+
+def _key_owner() -> dict[str, str]:
+    owners: dict[str, str] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"config key {f.name} is defined twice"
+            owners[f.name] = section
+    return owners
+
+
+CONFIG_KEYS = _key_owner()
+
+# Presets: partial overrides of the defaults above, per section; "refiner" and "reasoner" hold
+# model overrides for that architecture only (its depth range, mostly).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Tests: well under 1M parameters, a forward pass in milliseconds. The small vocabulary
+    # folds rare r50k tokens (high BPE ranks) into one id, so the real tokenizer still works.
+    "tiny": {
+        "model": dict(vocab_size=2048, block_size=64, d_model=64, n_heads=2, n_prelude=1,
+                      n_layers=3, backprop_steps=2, loss_chunk_tokens=256),
+        "refiner": dict(depth_min=1, depth_max=3, depth_eval=2),
+        "reasoner": dict(depth_min=1, depth_max=3, depth_eval=3),
+        "train": dict(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=60,
+                      eval_interval=20, eval_batches=2, log_interval=5, ckpt_interval=20,
+                      weight_decay=0.0),
+    },
+    # The ablation harness: a small model that learns generated tasks on 2 CPU cores in minutes.
+    # vocab_size and block_size are set by the task.
+    "ablation": {
+        "model": dict(vocab_size=64, block_size=64, d_model=128, n_heads=4, n_prelude=1,
+                      n_layers=4, backprop_steps=4, loss_chunk_tokens=4096),
+        "refiner": dict(depth_min=1, depth_max=6, depth_eval=4),
+        "reasoner": dict(depth_min=4, depth_max=4, depth_eval=4),
+        "train": dict(batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1500,
+                      eval_interval=250, eval_batches=4, weight_decay=0.0, grad_clip=1.0,
+                      threads=1),
+    },
+    # The full run on one RTX 2060 (6 GB, fp16). bench/memory.py checks it fits.
+    "rtx2060": {
+        "model": dict(block_size=1024, d_model=640, n_heads=10, n_prelude=6, n_layers=10,
+                      backprop_steps=4, activation_checkpointing=False, loss_chunk_tokens=2048),
+        "refiner": dict(depth_min=1, depth_max=8, depth_eval=4),
+        "reasoner": dict(depth_min=6, depth_max=10, depth_eval=10),
+        "train": dict(batch_size=8, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=500,
+                      max_steps=20_000, eval_interval=500, eval_batches=40, ckpt_interval=500),
+        "precision": dict(gpu_memory_fraction=0.0),
+    },
+}
+
+
+def default_arch() -> str:
+    arch = os.environ.get("LAB_MODEL_ARCH", MODEL_ARCH)
+    if arch not in ARCHS:
+        raise ConfigError(f"LAB_MODEL_ARCH: {arch!r} is not an architecture (allowed: {', '.join(ARCHS)})")
+    return arch
+
+
+def preset(name: str, arch: str | None = None, **overrides: Any) -> Config:
+    """Build the named preset for `arch`, with overrides by bare key (`d_model=128`) or dotted
+    key (`model.d_model`). Every error is a one-line ConfigError naming the field."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r} (allowed: {', '.join(PRESETS)})")
+    arch = arch or default_arch()
+    if arch not in ARCHS:
+        raise ConfigError(f"arch: {arch!r} is not an architecture (allowed: {', '.join(ARCHS)})")
+    values: dict[str, dict[str, Any]] = {s: dict(PRESETS[name].get(s, {})) for s in _SECTIONS}
+    values["model"].update(PRESETS[name].get(arch, {}), arch=arch)
+    for key, value in overrides.items():
+        section, bare = split_key(key)
+        values[section][bare] = value
+    return Config(
+        name=name,
+        model=ModelConfig(**values["model"]),
+        train=TrainConfig(**values["train"]),
+        precision=PrecisionConfig(**values["precision"]),
+    )
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`d_model` or `model.d_model` -> ("model", "d_model"); unknown keys raise ConfigError."""
+    if "." in key:
+        section, bare = key.split(".", 1)
+        if section not in _SECTIONS or bare not in CONFIG_KEYS or CONFIG_KEYS[bare] != section:
+            raise ConfigError(f"{key}: unknown config key (sections: {', '.join(_SECTIONS)})")
+        return section, bare
+    if key not in CONFIG_KEYS:
+        raise ConfigError(f"{key}: unknown config key (allowed: {', '.join(sorted(CONFIG_KEYS))})")
+    return CONFIG_KEYS[key], key
+
+
+def parse_value(text: str) -> Any:
+    """Parse the right side of `--set key=value` as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(pairs: typing.Iterable[str]) -> dict[str, Any]:
+    """["d_model=128", "lr=1e-3"] -> {"d_model": 128, "lr": 0.001}; malformed pairs raise."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: {pair!r} is not key=value")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build a validated dataclass (a job's Spec, say) from untrusted keys and values."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(names))})")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in values]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required key is missing")
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# The ablation harness
+
+
+@dataclass(frozen=True)
+class AblationConfig(_Validated):
+    seeds: int = _f(3, 1, 100)
+    confidence: float = _f(0.95, 0.5, 0.999)
+    # `better` needs the paired interval to exclude zero AND a mean gain of at least this much
+    # exact-match accuracy (absolute), so a tiny but consistent difference is not a win.
+    min_effect: float = _f(0.05, 0.0, 1.0)
+    eval_depths: tuple[int, ...] = (1, 2, 4, 8)
+    eval_examples: int = _f(500, 10, 1_000_000)
+    train_examples: int = _f(0, 0, 10_000_000, "0 means fresh examples every step")
+    parallel_seeds: int = _f(2, 1, 64, "seed processes at once (one torch thread each)")
+
+
+ABLATION = AblationConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# The queue, the daemon and the GitHub bridge
+
+
+@dataclass(frozen=True)
+class QueueConfig(_Validated):
+    lease_seconds: float = _f(30.0, 1.0, 86_400.0, "a running job's lease; renewed by heartbeats")
+    heartbeat_seconds: float = _f(5.0, 0.1, 3600.0)
+    sweep_seconds: float = _f(10.0, 0.5, 3600.0, "how often expired leases are requeued")
+    poll_seconds: float = _f(0.5, 0.01, 60.0, "how often the scheduler looks for runnable jobs")
+    max_attempts: int = _f(3, 1, 100)
+    cpu_workers: int = _f(2, 1, 256)
+    kill_grace_seconds: float = _f(5.0, 0.0, 600.0, "SIGTERM, then SIGKILL after this long")
+    shutdown_seconds: float = _f(20.0, 0.0, 600.0, "running jobs may finish this long at stop")
+    default_timeout_seconds: float = _f(24 * 3600.0, 1.0, 30 * 86_400.0)
+    disk_min_free_gb: float = _f(5.0, 0.0, 100_000.0, "below this no new GPU job starts")
+    github_poll_seconds: float = _f(60.0, 1.0, 86_400.0)
+    github_seconds_between_requests: float = _f(0.05, 0.0, 10.0)
+    github_seconds_between_writes: float = _f(0.5, 0.0, 60.0)
+    outbox_max_attempts: int = _f(20, 1, 1000)
+
+
+QUEUE = QueueConfig()
+
+
+@dataclass(frozen=True)
+class Paths:
+    db: str
+    runs: str
+    archive: str
+    host: str
+
+
+def paths() -> Paths:
+    """Where the queue and runs live; read from the environment on every call."""
+    import socket
+
+    runs = os.environ.get("LAB_RUNS", "runs")
+    return Paths(
+        db=os.environ.get("LAB_DB", "queue.db"),
+        runs=runs,
+        archive=os.environ.get("LAB_ARCHIVE", os.path.join(runs, "..", "archive")),
+        host=os.environ.get("LAB_HOST", socket.gethostname()),
+    )

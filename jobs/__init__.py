@@ -1,0 +1,92 @@
+"""Job kinds. Each kind is one module with a frozen `Spec` dataclass (its parameters, validated
+once, here, for the CLI, GitHub and MCP alike), the lanes it may run in, and `run(spec, ctx)`.
+
+Importing this package never imports torch: job modules import it inside `run`, so the daemon
+(which must never initialise CUDA) can validate specs and list kinds cheaply.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from config import ConfigError, from_mapping
+
+LANES = ("gpu", "cpu")
+
+
+class JobContext(Protocol):
+    """The only way a job talks back to whoever runs it (a worker, the CLI, a test)."""
+
+    run_dir: Path  # where the job writes its files (created before run is called)
+    lane: str  # "gpu" or "cpu"
+    device: str  # "cuda" on a GPU lane with a card, else "cpu"
+
+    def progress(self, step: int, total: int, **metrics: float) -> None:
+        """Report progress; metrics are the latest values (loss, accuracy, ...)."""
+
+    def log(self, message: str) -> None:
+        """One line for the job's log."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    spec: type  # a frozen dataclass
+    lanes: tuple[str, ...]  # lanes this kind may run in; the first is the default
+    run: Callable[[Any, JobContext], dict[str, Any]]  # returns the job's result (JSON-able)
+    doc: str
+
+
+# name -> module under jobs/. A module defines Spec, LANES, run, and a docstring.
+_MODULES = {
+    "sleep": "jobs.sleep",
+    "smoke": "jobs.smoke",
+    "train": "jobs.train",
+    "eval": "jobs.eval",
+    "tokenize": "jobs.tokenize",
+    "ablation": "jobs.ablation",
+    "archive": "jobs.archive",
+}
+
+
+def kind_names() -> list[str]:
+    return [name for name in _MODULES if _module_exists(_MODULES[name])]
+
+
+def _module_exists(module: str) -> bool:
+    return (Path(__file__).parent / (module.split(".")[-1] + ".py")).exists()
+
+
+def get_kind(name: str) -> JobKind:
+    """The kind called `name`; an unknown name is a ConfigError listing the known ones."""
+    if name not in kind_names():
+        raise ConfigError(f"kind: unknown job kind {name!r} (allowed: {', '.join(kind_names())})")
+    mod = importlib.import_module(_MODULES[name])
+    return JobKind(name=name, spec=mod.Spec, lanes=tuple(mod.LANES), run=mod.run,
+                   doc=(mod.__doc__ or "").strip())
+
+
+def parse_spec(kind: str, values: dict[str, Any]) -> Any:
+    """Untrusted keys and values -> the kind's validated Spec (ConfigError names the field)."""
+    return from_mapping(get_kind(kind).spec, dict(values), where=kind)
+
+
+def check_lane(kind: str, lane: str | None) -> str:
+    """The lane to use: `lane` if the kind allows it, the kind's default if None."""
+    jk = get_kind(kind)
+    if lane is None:
+        return jk.lanes[0]
+    if lane not in LANES:
+        raise ConfigError(f"lane: {lane!r} is not a lane (allowed: {', '.join(LANES)})")
+    if lane not in jk.lanes:
+        raise ConfigError(f"lane: kind {kind!r} cannot run in lane {lane!r} (allowed: {', '.join(jk.lanes)})")
+    return lane
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    assert is_dataclass(spec)
+    return asdict(spec)  # type: ignore[arg-type]
