@@ -1,0 +1,55 @@
+"""FLOPs per token, from the config alone (no model built), so param-matched and
+compute-matched comparisons can be read off an ablation report.
+
+Convention (nanoGPT / PaLM appendix B): 2 FLOPs per multiply-add; a matmul with P weights costs
+2P per token forward; attention adds 4 * T * d per token per block application (scores and
+weighted sum, T = context); backward costs twice the forward of the parts that get gradients.
+"""
+
+from __future__ import annotations
+
+from config import ModelConfig
+
+
+def _block_forward(cfg: ModelConfig, ctx: int) -> float:
+    d = cfg.d_model
+    weights = 4 * d * d + 3 * d * cfg.hidden  # qkv + proj, SwiGLU gate/up + down
+    return 2.0 * weights + 4.0 * ctx * d
+
+
+def _pass_forward(cfg: ModelConfig, ctx: int) -> float:
+    """One refiner loop pass: the shared block plus the gate (2d -> d)."""
+    return _block_forward(cfg, ctx) + 2.0 * (2 * cfg.d_model * cfg.d_model)
+
+
+def _head_forward(cfg: ModelConfig) -> float:
+    return 2.0 * cfg.d_model * cfg.vocab_size
+
+
+def forward_flops_per_token(cfg: ModelConfig, depth: int | None = None, ctx: int | None = None) -> float:
+    """Inference FLOPs per token at `depth` (default depth_eval) with `ctx` tokens of context."""
+    depth = cfg.depth_eval if depth is None else depth
+    ctx = cfg.block_size if ctx is None else ctx
+    if cfg.arch == "refiner":
+        body = cfg.n_prelude * _block_forward(cfg, ctx) + depth * _pass_forward(cfg, ctx)
+    else:
+        body = depth * _block_forward(cfg, ctx)
+    return body + _head_forward(cfg)
+
+
+def _train_flops_at(cfg: ModelConfig, depth: int, ctx: int) -> float:
+    if cfg.arch == "refiner":
+        with_grad = min(depth, cfg.backprop_steps)  # truncated backprop: no backward elsewhere
+        fwd = forward_flops_per_token(cfg, depth, ctx)
+        grad_part = cfg.n_prelude * _block_forward(cfg, ctx) + with_grad * _pass_forward(cfg, ctx)
+        return fwd + 2.0 * (grad_part + _head_forward(cfg))
+    return 3.0 * forward_flops_per_token(cfg, depth, ctx)
+
+
+def train_flops_per_token(cfg: ModelConfig, ctx: int | None = None) -> float:
+    """Expected training FLOPs per token over the training depth distribution."""
+    ctx = cfg.block_size if ctx is None else ctx
+    if cfg.depth_dist == "uniform":
+        depths = range(cfg.depth_min, cfg.depth_max + 1)
+        return sum(_train_flops_at(cfg, k, ctx) for k in depths) / len(depths)
+    return _train_flops_at(cfg, min(max(cfg.depth_eval, cfg.depth_min), cfg.depth_max), ctx)
