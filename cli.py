@@ -83,16 +83,685 @@ def _set_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 # --- model and training commands (models/, jobs/smoke, jobs/train, jobs/tokenize) -------------
 
 
+def _new_run_id(kind: str) -> str:
+    """Sortable and unique: kind-YYYYmmdd-HHMMSS-<6 hex>."""
+    import secrets
+    from datetime import UTC, datetime
+
+    return f"{kind}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _foreground(kind: str, device: str, run_id: str | None = None) -> Any:
+    """A LocalContext for running a job kind here, in $LAB_RUNS/<run_id>."""
+    from pathlib import Path
+
+    import torch
+
+    import config
+    from jobs.context import LocalContext
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device: cuda is not available on this machine")
+    run_dir = Path(config.paths().runs) / (run_id or _new_run_id(kind))
+    return LocalContext(run_dir, lane="gpu" if device == "cuda" else "cpu", device=device)
+
+
+_device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                              show_default=True, help="Where to run (auto: cuda when there is a card).")
+
+
+def _run_text(r: dict[str, Any]) -> str:
+    return (f"run {r['run_dir']}: val_loss {r['val_loss']:.4f}, val_bpb {r['val_bpb']:.4f}, "
+            f"{r['steps']} steps, {r['wall_s']:.1f} s")
+
+
+@main.command("train")
+@click.option("--preset", default=None, help="tiny | ablation | rtx2060  [default: tiny]")
+@click.option("--arch", default=None, help="refiner | reasoner  [default: config.MODEL_ARCH]")
+@_set_option()
+@click.option("--data", default=None, metavar="NAME",
+              help="A dataset under $LAB_RUNS/data  [default: sample]")
+@click.option("--resume", "resume_run", default=None, metavar="RUN_ID",
+              help="Continue RUN_ID from its last checkpoint (--set may change train settings).")
+@_device_option
+@json_option
+def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data: str | None,
+              resume_run: str | None, device: str, as_json: bool) -> None:
+    """Train a model in the foreground, in $LAB_RUNS/<run_id> (checkpoints, metrics.jsonl,
+    config.json, log.txt). Exit 1 if the loss diverges (the last good checkpoint is kept).
+
+    \b
+    Example:
+      lab train --preset tiny --arch refiner --set max_steps=200 --set lr=1e-3
+      lab train --resume train-20261125-173000-abc123 --set max_steps=400
+    """
+    import json as json_mod
+    from pathlib import Path
+
+    import config
+    import jobs
+    from models.train import LAST, TrainingDiverged
+
+    values: dict[str, Any] = {}
+    if resume_run:
+        run_dir = Path(config.paths().runs) / resume_run
+        spec_file = run_dir / "spec.json"
+        if not (run_dir / LAST).exists() or not spec_file.exists():
+            raise BadInput(f"--resume: {run_dir} holds no resumable training run ({LAST}, spec.json)")
+        values = {k: v for k, v in json_mod.loads(spec_file.read_text()).items() if k != "kind"}
+    overrides = config.parse_assignments(sets)
+    values["set"] = {**values.get("set", {}), **overrides}
+    for key, value in (("preset", preset), ("arch", arch), ("data", data)):
+        if value is not None:
+            values[key] = value
+    values["resume"] = bool(resume_run)
+    spec = jobs.parse_spec("train", values)
+    ctx = _foreground("train", device, resume_run)
+    try:
+        result = jobs.get_kind("train").run(spec, ctx)
+    except TrainingDiverged as e:
+        raise Failed(str(e)) from None
+    emit(result, as_json, _run_text)
+
+
+@main.command("smoke")
+@click.option("--preset", default="tiny", show_default=True, help="tiny | ablation | rtx2060")
+@click.option("--arch", default=None, help="refiner | reasoner  [default: config.MODEL_ARCH]")
+@click.option("--steps", default=None, type=int, help="Optimizer steps  [default: 40]")
+@_set_option()
+@_device_option
+@json_option
+def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str, ...], device: str,
+              as_json: bool) -> None:
+    """Build the model, train a few dozen steps on the sample text, check that the loss falls
+    and nothing is NaN. Prints a JSON result; exit 1 if the check fails.
+
+    \b
+    Example:
+      lab smoke --preset tiny --arch refiner --json
+    """
+    import config
+    import jobs
+    from jobs.smoke import check
+
+    values: dict[str, Any] = {"preset": preset, "arch": arch or "", "set": config.parse_assignments(sets)}
+    if steps is not None:
+        values["steps"] = steps
+    spec = jobs.parse_spec("smoke", values)
+    result = check(spec, _foreground("smoke", device))
+    emit(result, True)
+    if not result["ok"]:
+        raise Failed(f"smoke: {result['reason']}")
+
+
+@main.command("tokenize")
+@click.argument("src", nargs=-1, required=True)
+@click.option("--name", required=True, help="Dataset name: $LAB_RUNS/data/NAME")
+@json_option
+def tokenize_cmd(src: tuple[str, ...], name: str, as_json: bool) -> None:
+    """Tokenize text files (r50k_base) into uint16 shards under $LAB_RUNS/data/NAME with a
+    meta.json (token and byte counts, sha256 per shard). Each file is one document.
+
+    \b
+    Example:
+      lab tokenize books/*.txt --name books
+      lab train --data books --preset tiny
+    """
+    import jobs
+
+    spec = jobs.parse_spec("tokenize", {"src": list(src), "name": name})
+    result = jobs.get_kind("tokenize").run(spec, _foreground("tokenize", "cpu"))
+    emit(result, as_json,
+         lambda r: f"{r['name']}: {r['tokens']:,} tokens, {r['shards']} shard(s) at {r['dir']}")
+
+
+@main.command("eval")
+@click.argument("run")
+@click.option("--n-steps", default=0, type=int,
+              help="Depth at eval (loop passes or layers); 0: the model's own.")
+@click.option("--batches", default=0, type=int, help="Eval batches; 0: the run's eval_batches.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@_device_option
+@json_option
+def eval_cmd(run: str, n_steps: int, batches: int, checkpoint: str, device: str, as_json: bool) -> None:
+    """Evaluate a training run's checkpoint (val_loss, val_bpb) on its dataset's held-out split.
+
+    \b
+    Example:
+      lab eval train-20261125-173000-abc123 --n-steps 8 --json
+    """
+    import jobs
+    from jobs.eval import checkpoint_of
+
+    spec = jobs.parse_spec("eval", {"run": run, "n_steps": n_steps, "batches": batches,
+                                    "checkpoint": checkpoint})
+    checkpoint_of(spec)  # a missing run is bad input: fail before creating a run dir
+    result = jobs.get_kind("eval").run(spec, _foreground("eval", device))
+    emit(result, as_json, lambda r: f"{r['run']} at depth {r['n_steps']}: val_loss {r['val_loss']:.4f}, "
+                                    f"val_bpb {r['val_bpb']:.4f}")
+
+
 # --- ablation commands (harness/, jobs/ablation) ----------------------------------------------
+
+
+def _ablation_text(s: dict[str, Any]) -> str:
+    from pathlib import Path
+
+    report = Path(s["run_dir"]) / "report.md"
+    body = report.read_text() if report.exists() else ""
+    return f"{body}\nrun: {s['run_dir']} ({s['minutes']:.1f} min)\nverdict: {s['verdict']}"
+
+
+@main.command("ablate")
+@click.option("--spec", "spec_file", default=None, metavar="FILE.toml", help="The ablation spec.")
+@click.option("--control", type=click.Choice(["negative", "positive"]), default=None,
+              help="Run a shipped control (exit 1 if it does not give its expected verdict).")
+@_set_option()
+@json_option
+def ablate_cmd(spec_file: str | None, control: str | None, sets: tuple[str, ...], as_json: bool) -> None:
+    """Train every arm of an ablation on every seed and give the verdict of the first non-baseline
+    arm against the baseline (better / worse / inconclusive), in $LAB_RUNS/ablate-<timestamp>
+    (ablation.json, report.md, accuracy.png). --set overrides a top-level spec key.
+
+    \b
+    Example:
+      lab ablate --spec harness/specs/khop_default.toml --json
+      lab ablate --control negative --set seeds=5
+    """
+    import config
+    import jobs
+    from harness.ablate import CONTROL_EXPECTED, new_run_dir, run_ablation
+    from jobs.ablation import resolve
+    from jobs.context import LocalContext
+
+    if bool(spec_file) == bool(control):
+        raise BadInput("--spec: give exactly one of --spec FILE.toml or --control negative|positive")
+    values: dict[str, Any] = {"spec_file": spec_file or "", "control": control or ""}
+    values.update(config.parse_assignments(sets))
+    spec = resolve(jobs.parse_spec("ablation", values))  # every error before anything trains
+    summary = run_ablation(spec, LocalContext(new_run_dir()))
+    emit(summary, as_json, _ablation_text)
+    if control and summary["verdict"] != CONTROL_EXPECTED[control]:
+        raise Failed(f"control {control}: expected {CONTROL_EXPECTED[control]}, got {summary['verdict']}")
 
 
 # --- queue commands (daemon/, workers/) -------------------------------------------------------
 
 
+def _job_text(j: dict[str, Any]) -> str:
+    lines = [f"job {j['id']}: {j['kind']} on lane {j['lane']}: {j['status']}"]
+    for key in ("spec", "priority", "after", "issue", "host", "run_dir", "created_at", "started_at",
+                "finished_at", "attempts", "exit_code", "error", "earned_by", "force_reason",
+                "progress", "result"):
+        if j.get(key) not in (None, {}, ""):
+            value = json.dumps(j[key], default=str) if isinstance(j[key], dict) else j[key]
+            lines.append(f"  {key}: {value}")
+    for e in j.get("events") or []:
+        lines.append(f"  {e['at']} {e['kind']}: {e['message']}")
+    return "\n".join(lines)
+
+
+def _progress_text(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in (p.get("metrics") or {}).items())
+    eta = f" eta {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
+    return f" [{p.get('step')}/{p.get('total')}{eta}] {metrics}".rstrip()
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    d = s["daemon"]
+    alive = f"alive on {d['host']} (pid {d['pid']})" if d["alive"] else "not running"
+    lines = [f"daemon: {alive}" + (f", {d['count']} daemons" if d["count"] > 1 else "")]
+    for lane, info in s["lanes"].items():
+        running = ", ".join(f"{j['id']} {j['kind']}{_progress_text(j['progress'])}" for j in info["running"])
+        lines.append(f"{lane}: running [{running or '-'}], {info['queued']} queued, {info['blocked']} blocked"
+                     + (f" — PAUSED: {info['paused']}" if info["paused"] else ""))
+    disk = s["disk"]
+    lines.append(f"disk: {disk['free_gb']} GB free under {disk['path']} (min {disk['min_free_gb']:g} GB)")
+    for j in s["jobs"]:
+        lines.append(f"  {j['id']:>5} {j['kind']:<9} {j['lane']:<3} {j['status']:<9}"
+                     f"{_progress_text(j['progress'])}{'  ' + j['error'] if j.get('error') else ''}")
+    return "\n".join(lines)
+
+
+def _int_or_none(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput(f"{flag}: expected a job id (an integer), got {value!r}") from None
+
+
+@main.command("daemon")
+@click.option("--cpu-workers", type=click.IntRange(1, 256), default=None,
+              help="CPU jobs in parallel (default: config QUEUE.cpu_workers).")
+@click.option("--lanes", default="gpu,cpu", show_default=True, help="Lanes this host offers.")
+@json_option
+def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
+    """Run the queue daemon in the foreground until SIGTERM/SIGINT.
+
+    It runs GPU jobs one at a time and CPU jobs in parallel, each in its own process with a log
+    in runs/<job_id>/log.txt. On SIGTERM it takes no new work, lets running jobs finish within
+    QUEUE.shutdown_seconds or requeues them, and exits.
+
+    Example: LAB_DB=queue.db LAB_RUNS=runs lab daemon --cpu-workers 2
+    """
+    from daemon.scheduler import run_daemon
+
+    chosen = tuple(x.strip() for x in lanes.split(",") if x.strip())
+    bad = [x for x in chosen if x not in ("gpu", "cpu")]
+    if bad or not chosen:
+        raise BadInput(f"--lanes: {lanes!r} must name gpu and/or cpu")
+    run_daemon(chosen, cpu_workers)
+    if as_json:
+        emit({"stopped": True}, True)
+
+
+@main.command("submit")
+@click.argument("kind")
+@click.option("--lane", default=None, metavar="gpu|cpu", help="Default: the kind's first lane.")
+@_set_option()
+@click.option("--after", default=None, metavar="ID", help="Wait until job ID succeeded (blocked until then).")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first within a lane.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Seconds before the job is killed.")
+@click.option("--issue", type=int, default=None, help="The GitHub issue this job answers to.")
+@click.option("--earned-by", default=None, metavar="ID", help="The ablation that earned a full GPU run.")
+@click.option("--force", is_flag=True, help="Skip the earned-run gate (needs --reason).")
+@click.option("--reason", default=None, help="Why the gate is forced (recorded with the job).")
+@click.option("--host", default=None, help="Only this host (LAB_HOST) may run it.")
+@json_option
+def submit_cmd(kind: str, lane: str | None, sets: tuple[str, ...], after: str | None, priority: int,
+               timeout_s: float | None, issue: int | None, earned_by: str | None, force: bool,
+               reason: str | None, host: str | None, as_json: bool) -> None:
+    """Queue a job; works with no daemon running (it waits in the queue).
+
+    Example: lab submit sleep --lane cpu --set seconds=2 --json
+    """
+    from config import parse_assignments
+    from daemon import queue
+
+    job = queue.submit(kind, parse_assignments(sets), lane=lane, after=_int_or_none(after, "--after"),
+                       priority=priority, timeout_s=timeout_s, issue=issue,
+                       earned_by=_int_or_none(earned_by, "--earned-by"), force=force, reason=reason,
+                       host=host)
+    emit(job, as_json, lambda j: f"queued job {j['id']}: {j['kind']} on lane {j['lane']} ({j['status']})")
+
+
+@main.command("status")
+@json_option
+def status_cmd(as_json: bool) -> None:
+    """What runs, what waits (progress, ETA), whether a daemon is alive, the disk guard.
+
+    Example: lab status --json
+    """
+    from daemon import queue
+
+    emit(queue.status(), as_json, _status_text)
+
+
+@main.command("show")
+@click.argument("job_id", type=int)
+@json_option
+def show_cmd(job_id: int, as_json: bool) -> None:
+    """One job: spec, status, times (ISO 8601 UTC), attempts, exit code, error, result, host, run
+    dir, and its events (submitted, claimed, started, requeued, ...).
+
+    Example: lab show 12 --json
+    """
+    from daemon import queue
+
+    emit(queue.show(job_id, events=True), as_json, _job_text)
+
+
+@main.command("logs")
+@click.argument("job_id", type=int)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@json_option
+def logs_cmd(job_id: int, follow: bool, as_json: bool) -> None:
+    """Print a job's log (runs/<job_id>/log.txt on the host that ran it).
+
+    Example: lab logs 12 --follow
+    """
+    import time as _time
+
+    import config as _config
+    from daemon import queue
+    from daemon.store import FINAL
+
+    store = queue.open_store()
+    job = queue.show(job_id, store)
+    if as_json:
+        path = queue.log_path(job)
+        text = path.read_text(errors="replace") if path and path.exists() else ""
+        emit({"id": job_id, "host": job["host"], "path": str(path) if path else None, "log": text}, True)
+        return
+    pos = 0
+    while True:
+        job = queue.show(job_id, store)
+        path = queue.log_path(job)
+        if path is not None and path.exists():
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+            pos += len(chunk)
+            if chunk:
+                click.echo(chunk.decode(errors="replace"), nl=False)
+        elif path is not None and job["host"] and job["host"] != _config.paths().host:
+            click.echo(f"job {job_id} ran on host {job['host']}: its log is there, at {path}", err=True)
+            return
+        elif not follow:
+            click.echo(f"job {job_id} has no log yet ({job['status']})", err=True)
+        if not follow or (job["status"] in FINAL and (path is None or pos >= path.stat().st_size)):
+            return
+        _time.sleep(0.3)
+
+
+@main.command("cancel")
+@click.argument("job_id", type=int)
+@click.option("--reason", default="cancelled by user", show_default=True)
+@json_option
+def cancel_cmd(job_id: int, reason: str, as_json: bool) -> None:
+    """Cancel a job: a waiting one at once, a running one by killing its process group.
+
+    Example: lab cancel 12
+    """
+    from daemon import queue
+    from daemon.store import StateError
+
+    store = queue.open_store()
+    try:
+        now_status = store.cancel(job_id, reason)
+    except StateError as e:
+        raise BadInput(str(e)) from None
+    emit({"id": job_id, "status": now_status, "cancel_requested": now_status == "running"}, as_json,
+         f"job {job_id}: " + ("cancelled" if now_status == "cancelled" else "cancel requested (stopping)"))
+
+
+@main.command("retry")
+@click.argument("job_id", type=int)
+@json_option
+def retry_cmd(job_id: int, as_json: bool) -> None:
+    """Put a failed or cancelled job back in the queue (attempts start again from zero).
+
+    Example: lab retry 12
+    """
+    from daemon import queue
+    from daemon.store import StateError
+
+    store = queue.open_store()
+    try:
+        new = store.retry(job_id)
+    except StateError as e:
+        raise BadInput(str(e)) from None
+    emit(queue.show(job_id, store), as_json, f"job {job_id}: {new}")
+
+
+@main.command("wait")
+@click.argument("job_id", type=int)
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Give up after this many seconds (exit 3).")
+@json_option
+def wait_cmd(job_id: int, timeout_s: float | None, as_json: bool) -> None:
+    """Block until a job ends: exit 0 succeeded, 1 failed or cancelled, 3 timed out.
+
+    Example: lab wait 12 --timeout 600 --json
+    """
+    from daemon import queue
+
+    try:
+        job = queue.wait(job_id, timeout_s)
+    except queue.WaitTimeout as e:
+        if as_json:
+            emit({**queue.show(job_id), "timed_out": True}, True)
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    emit(job, as_json, _job_text)
+    if job["status"] != "succeeded":
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("kinds")
+@json_option
+def kinds_cmd(as_json: bool) -> None:
+    """List job kinds, their lanes and spec fields (what --set accepts).
+
+    Example: lab kinds --json
+    """
+    from daemon import queue
+
+    def text(ks: list[dict[str, Any]]) -> str:
+        out = []
+        for k in ks:
+            if "error" in k:
+                out.append(f"{k['kind']}: unavailable ({k['error']})")
+                continue
+            out.append(f"{k['kind']} (lanes: {', '.join(k['lanes'])}): {k['doc']}")
+            out += [f"    {f['name']}: {f['type']} = {f['default']!r}" for f in k["fields"]]
+        return "\n".join(out)
+
+    emit(queue.kinds(), as_json, text)
+
+
 # --- GitHub commands (daemon/github.py) -------------------------------------------------------
 
 
+def _sync_text(s: dict[str, Any]) -> str:
+    if s.get("skipped"):
+        return f"skipped: {s['skipped']}"
+    lines = [f"{s['repository']}: {s['issues_read']} issues read, submitted {s['submitted'] or '-'}, "
+             f"cancelled {s['cancelled'] or '-'}, {s['answered']} answered, {s['sent']} writes sent, "
+             f"{s['failed']} failed, {s['requests']} requests, rate limit left {s['rate_remaining']}",
+             "outbox: " + ", ".join(f"{k} {v}" for k, v in s["outbox"].items())]
+    if s.get("paused_until"):
+        lines.append(f"paused until {s['paused_until']}")
+    lines += [f"  {e}" for e in s["errors"]]
+    return "\n".join(lines)
+
+
+@main.group("github")
+def github_group() -> None:
+    """The GitHub bridge: labelled issues become jobs; results go back to the issue."""
+
+
+@github_group.command("sync")
+@click.option("--once", is_flag=True, required=True,
+              help="Run one full cycle and exit (for scripts and cron).")
+@json_option
+def github_sync_cmd(once: bool, as_json: bool) -> None:
+    """Read issues, enqueue their specs, post pending comments and labels, then exit.
+
+    Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL for GitHub Enterprise). The daemon
+    does the same every LAB_GITHUB_POLL seconds when those are set.
+
+    Example: GITHUB_TOKEN=... GITHUB_REPOSITORY=me/lab lab github sync --once --json
+    """
+    from daemon import github
+
+    try:
+        summary = github.sync_once()
+    except RuntimeError as e:
+        raise Failed(str(e)) from None
+    emit(summary, as_json, _sync_text)
+
+
+@main.group("labels")
+def labels_group() -> None:
+    """The repository's labels: lanes, states and types."""
+
+
+@labels_group.command("sync")
+@json_option
+def labels_sync_cmd(as_json: bool) -> None:
+    """Create or update the lab's labels (colours, descriptions) on GITHUB_REPOSITORY.
+
+    Example: lab labels sync --json
+    """
+    from daemon import github
+
+    try:
+        done = github.sync_labels()
+    except RuntimeError as e:
+        raise Failed(str(e)) from None
+    emit(done, as_json, lambda d: "\n".join(f"{x['label']:<14} #{x['color']}  {x['action']}" for x in d))
+
+
 # --- records, storage and guardrail commands (daemon/records.py, jobs/archive) ----------------
+
+
+def _record_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a records/archive function; a refusal (no verdict, duplicate, failed verify) exits 1."""
+    from daemon.archive import ArchiveError
+    from daemon.records import RecordError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RecordError, ArchiveError) as e:
+        raise Failed(str(e)) from None
+
+
+@main.command("finding")
+@click.argument("job")
+@click.option("--title", required=True, help="The conclusion in a sentence (it names the file).")
+@json_option
+def finding_cmd(job: str, title: str, as_json: bool) -> None:
+    """Write docs/findings/YYYY-MM-DD-<slug>.md from a finished ablation: claim, evidence table,
+    verdict with intervals, config difference between arms, the command that reproduces it, job id
+    and git commit. Exit 1 for a job without a verdict or one that already has a finding.
+
+    Example: lab finding 12 --title "A 4-pass refiner beats a 1-layer flat model on khop"
+    """
+    from daemon import records
+
+    out = _record_call(records.write_finding, job, title)
+    emit(out, as_json, lambda f: f"wrote {f['path']} (verdict {f['verdict']})")
+
+
+@main.command("register")
+@click.argument("job")
+@click.option("--name", required=True, help="The card's name: docs/registry/NAME.md")
+@json_option
+def register_cmd(job: str, name: str, as_json: bool) -> None:
+    """Write a model card docs/registry/NAME.md for a finished training run: architecture,
+    resolved config, parameter count, data, metrics, checkpoint path, sha256, storage tier.
+
+    Example: lab register 14 --name refiner-k4-v1
+    """
+    from daemon import records
+
+    out = _record_call(records.write_card, job, name)
+    emit(out, as_json, lambda c: f"wrote {c['path']} ({c['params']:,} parameters, sha256 {c['sha256'][:12]})")
+
+
+@main.command("registry")
+@json_option
+def registry_cmd(as_json: bool) -> None:
+    """List the model cards in docs/registry (with each checkpoint's current storage tier).
+
+    Example: lab registry --json
+    """
+    from daemon import records
+
+    cards = records.list_cards()
+    emit(cards, as_json, records.cards_table)
+
+
+@main.command("runs")
+@json_option
+def runs_cmd(as_json: bool) -> None:
+    """Every run (hot under LAB_RUNS, cold in LAB_ARCHIVE): kind, status, size, tier, age, best metric.
+
+    Example: lab runs --json
+    """
+    from daemon import records
+
+    emit(records.list_runs(), as_json, records.runs_table)
+
+
+@main.command("archive")
+@click.argument("runs", nargs=-1)
+@click.option("--older-than", "older_than", type=float, default=None, metavar="DAYS",
+              help="Also archive every finished run whose newest file is older than DAYS.")
+@json_option
+def archive_cmd(runs: tuple[str, ...], older_than: float | None, as_json: bool) -> None:
+    """Move runs to LAB_ARCHIVE in the foreground: copy, verify every file's sha256, then delete
+    the hot copy and leave a pointer. A failed verify deletes nothing (exit 1). The queue kind
+    `archive` does the same on the CPU lane: lab submit archive --set older_than_days=30
+
+    Example: lab archive 12 13 --json
+    """
+    from daemon import records
+
+    if not runs and older_than is None:
+        raise BadInput("archive: name runs, or give --older-than DAYS")
+    if older_than is not None and older_than < 0:
+        raise BadInput(f"--older-than: {older_than} must be >= 0")
+    out = records.archive_runs(list(runs), older_than)
+
+    def text(r: dict[str, Any]) -> str:
+        lines = [f"archived {a['run']}: {a['files']} files, {records.human_bytes(a['bytes'])} -> "
+                 f"{a['archive_path']}" for a in r["archived"]]
+        lines += [f"not archived {f['run']}: {f['error']}" for f in r["failed"]]
+        return "\n".join(lines) or "nothing to archive"
+
+    emit(out, as_json, text)
+    if out["failed"]:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("restore")
+@click.argument("run")
+@json_option
+def restore_cmd(run: str, as_json: bool) -> None:
+    """Bring an archived run back to LAB_RUNS, verified file by file against its manifest.
+
+    Example: lab restore 12 --json
+    """
+    from daemon import archive
+
+    out = _record_call(archive.restore_run, run)
+    emit(out, as_json, lambda r: f"restored {r['run']}: {r['files']} files, {r['bytes']} B -> {r['path']}")
+
+
+@main.group("service")
+def service_group() -> None:
+    """Run the daemon as a systemd service (see README, "Running as a service").
+
+    Example: lab service print > ~/.config/systemd/user/lab.service
+    """
+
+
+@service_group.command("print")
+@click.option("--user", default=None, help="User= line (a system service); omit for `systemctl --user`.")
+@click.option("--env-file", default=None, help="EnvironmentFile (the token)  [default: ./.env]")
+@click.option("--workdir", default=None, help="WorkingDirectory  [default: the current directory]")
+@click.option("--cpu-workers", type=int, default=None, help="Passed to `lab daemon`.")
+@json_option
+def service_print_cmd(user: str | None, env_file: str | None, workdir: str | None, cpu_workers: int | None,
+                      as_json: bool) -> None:
+    """Print a systemd unit for `lab daemon` (restart on failure, token from an environment file).
+
+    Example: lab service print > ~/.config/systemd/user/lab.service
+    """
+    from daemon.service import unit_text
+
+    text = unit_text(workdir=workdir, env_file=env_file, user=user, cpu_workers=cpu_workers)
+    emit({"unit": text}, as_json, text.rstrip("\n"))
+
+
+@main.command("mcp")
+def mcp_cmd() -> None:
+    """Serve the queue to an agent over MCP (stdio): tools submit, status, show, wait, logs, cancel.
+
+    Example (Claude Code): claude mcp add lab -- .venv/bin/lab mcp
+    """
+    from daemon.mcp_server import serve
+
+    serve()
 
 
 if __name__ == "__main__":

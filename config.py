@@ -26,6 +26,12 @@ TOKENIZER_NAME = "r50k_base"
 TOKENIZER_VOCAB = 50257
 TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
+# Token datasets (models/data.py) live in $LAB_RUNS/data/<name>/ as uint16 shards of at most
+# DATA_SHARD_TOKENS tokens (128 MB); the shipped text is tokenized on first use as SAMPLE_DATASET.
+DATA_SHARD_TOKENS = 1 << 26
+SAMPLE_DATASET = "sample"
+DATASET_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # one path component
+
 
 class ConfigError(ValueError):
     """A bad preset, key, type or value. The message is one line and names the field."""
@@ -223,23 +229,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "reasoner": dict(depth_min=1, depth_max=3, depth_eval=3),
         "train": dict(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, max_steps=60,
                       eval_interval=20, eval_batches=2, log_interval=5, ckpt_interval=20,
-                      weight_decay=0.0),
+                      weight_decay=0.0, threads=1),  # ops this small gain nothing from threads
     },
     # The ablation harness: a small model that learns generated tasks on 2 CPU cores in minutes.
     # vocab_size and block_size are set by the task.
+    # Calibrated by measurement (README "Ablations"): d_model 64 halves the step time of 128
+    # (matmuls dominate) and still learns khop; 600 steps keep 3 seeds x 2 arms under 10 min.
     "ablation": {
-        "model": dict(vocab_size=64, block_size=64, d_model=128, n_heads=4, n_prelude=1,
+        "model": dict(vocab_size=64, block_size=64, d_model=64, n_heads=4, n_prelude=1,
                       n_layers=4, backprop_steps=4, loss_chunk_tokens=4096),
         "refiner": dict(depth_min=1, depth_max=6, depth_eval=4),
         "reasoner": dict(depth_min=4, depth_max=4, depth_eval=4),
-        "train": dict(batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1500,
+        "train": dict(batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=600,
                       eval_interval=250, eval_batches=4, weight_decay=0.0, grad_clip=1.0,
                       threads=1),
     },
-    # The full run on one RTX 2060 (6 GB, fp16). bench/memory.py checks it fits.
+    # The full run on one RTX 2060 (6 GB, fp16): the widest model whose fp16 training step at
+    # micro-batch 8 x 1024 peaks under 5.5 GiB at the deepest training depth (bench/memory.py:
+    # refiner 89.9M params 5.03 GiB, reasoner 109.4M params 5.12 GiB). The 512-row loss chunk
+    # keeps the 50,257-wide logits of backward near 0.35 GiB.
     "rtx2060": {
-        "model": dict(block_size=1024, d_model=640, n_heads=10, n_prelude=6, n_layers=10,
-                      backprop_steps=4, activation_checkpointing=False, loss_chunk_tokens=2048),
+        "model": dict(block_size=1024, d_model=768, n_heads=12, n_prelude=6, n_layers=10,
+                      backprop_steps=4, activation_checkpointing=False, loss_chunk_tokens=512),
         "refiner": dict(depth_min=1, depth_max=8, depth_eval=4),
         "reasoner": dict(depth_min=6, depth_max=10, depth_eval=10),
         "train": dict(batch_size=8, grad_accum=8, lr=6e-4, min_lr=6e-5, warmup_steps=500,
@@ -337,9 +348,29 @@ class AblationConfig(_Validated):
     eval_examples: int = _f(500, 10, 1_000_000)
     train_examples: int = _f(0, 0, 10_000_000, "0 means fresh examples every step")
     parallel_seeds: int = _f(2, 1, 64, "seed processes at once (one torch thread each)")
+    progress_seconds: float = _f(2.0, 0.0, 3600.0, "at most one progress report this often")
 
 
 ABLATION = AblationConfig()
+
+
+@dataclass(frozen=True)
+class TaskSizes(_Validated):
+    """Sizes of the generated tasks (harness/tasks.py documents what each must do)."""
+
+    khop_max_jump: int = _f(4, 1, 9, "khop: pointers jump 1..m back; chance is 1/m")
+    khop_length: int = _f(48, 8, 4096, "khop: pointers per line")
+    khop_train_hops: int = _f(3, 1, 16, "khop: trained (and `test`) on k = 1..this")
+    khop_ood_hops: tuple[int, ...] = (4, 6)
+    lookup_domain: int = _f(6, 2, 10)
+    lookup_functions: int = _f(4, 1, 16)
+    lookup_train_length: int = _f(5, 1, 32)
+    lookup_ood_lengths: tuple[int, ...] = (6, 8)
+    addition_train_digits: int = _f(3, 1, 32)
+    addition_ood_digits: tuple[int, ...] = (4, 5)
+
+
+TASKS = TaskSizes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,12 +390,61 @@ class QueueConfig(_Validated):
     default_timeout_seconds: float = _f(24 * 3600.0, 1.0, 30 * 86_400.0)
     disk_min_free_gb: float = _f(5.0, 0.0, 100_000.0, "below this no new GPU job starts")
     github_poll_seconds: float = _f(60.0, 1.0, 86_400.0)
+    # Reads are few (conditional, mostly 304s); writes stay under GitHub's secondary limit of 80
+    # content-creating requests a minute (one a second at most).
     github_seconds_between_requests: float = _f(0.05, 0.0, 10.0)
-    github_seconds_between_writes: float = _f(0.5, 0.0, 60.0)
+    github_seconds_between_writes: float = _f(1.0, 0.0, 60.0)
     outbox_max_attempts: int = _f(20, 1, 1000)
+    # The GitHub bridge (daemon/github.py); each can be overridden by LAB_GITHUB_<NAME> (upper case).
+    github_timeout_seconds: int = _f(15, 1, 300, "per request; a POST that times out is ambiguous")
+    github_backoff_seconds: float = _f(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")
+    github_backoff_max_seconds: float = _f(900.0, 0.0, 86_400.0)
+    github_read_attempts: int = _f(3, 1, 20, "tries of one read within a sync cycle")
+    github_rate_reserve: int = _f(200, 0, 100_000, "requests left when the bridge pauses until reset")
+    github_lease_seconds: float = _f(300.0, 5.0, 86_400.0, "the bridge role lease (one poster at a time)")
+    github_per_page: int = _f(100, 1, 100)
 
 
 QUEUE = QueueConfig()
+
+
+def queue_config() -> QueueConfig:
+    """QUEUE with per-field overrides from the environment, `LAB_QUEUE_<FIELD>` (e.g.
+    LAB_QUEUE_LEASE_SECONDS=2 for fast tests, LAB_QUEUE_DISK_MIN_FREE_GB=50 on a small disk);
+    read on every call, validated like any field."""
+    overrides: dict[str, Any] = {}
+    for f in dataclasses.fields(QueueConfig):
+        text = os.environ.get(f"LAB_QUEUE_{f.name.upper()}")
+        if text is not None:
+            overrides[f.name] = parse_value(text)
+    try:
+        return dataclasses.replace(QUEUE, **overrides)
+    except ConfigError as e:
+        raise ConfigError(f"LAB_QUEUE_*: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Records (findings, cards), storage tiers and operations
+
+
+@dataclass(frozen=True)
+class RecordsConfig(_Validated):
+    # A hot run directory whose files moved to the archive keeps only this small file.
+    pointer_file: str = "ARCHIVED.json"
+    # Written into the archived copy: relative path -> size and sha256 of every file.
+    manifest_file: str = "MANIFEST.json"
+    hash_chunk_bytes: int = _f(1 << 20, 4096, 1 << 30)
+    # systemd TimeoutStopSec: the daemon needs QueueConfig.shutdown_seconds + kill grace to stop.
+    service_stop_seconds: int = _f(60, 30, 3600)
+    service_restart_seconds: int = _f(5, 1, 3600)
+
+
+RECORDS = RecordsConfig()
+
+
+def docs_dir() -> str:
+    """Where findings (docs/findings) and model cards (docs/registry) are written; `LAB_DOCS`."""
+    return os.environ.get("LAB_DOCS", "docs")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ weighted sum, T = context); backward costs twice the forward of the parts that g
 
 from __future__ import annotations
 
+import math
+
 from config import ModelConfig
 
 
@@ -37,7 +39,9 @@ def forward_flops_per_token(cfg: ModelConfig, depth: int | None = None, ctx: int
     return body + _head_forward(cfg)
 
 
-def _train_flops_at(cfg: ModelConfig, depth: int, ctx: int) -> float:
+def train_flops_at_depth(cfg: ModelConfig, depth: int, ctx: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward) of one step at a given depth."""
+    ctx = cfg.block_size if ctx is None else ctx
     if cfg.arch == "refiner":
         with_grad = min(depth, cfg.backprop_steps)  # truncated backprop: no backward elsewhere
         fwd = forward_flops_per_token(cfg, depth, ctx)
@@ -46,10 +50,24 @@ def _train_flops_at(cfg: ModelConfig, depth: int, ctx: int) -> float:
     return 3.0 * forward_flops_per_token(cfg, depth, ctx)
 
 
+def depth_distribution(cfg: ModelConfig) -> dict[int, float]:
+    """P(training depth = k), as models.layers.sample_depth draws it."""
+    lo, hi = cfg.depth_min, cfg.depth_max
+    if lo == hi:
+        return {lo: 1.0}
+    if cfg.depth_dist == "uniform":
+        return {k: 1.0 / (hi - lo + 1) for k in range(lo, hi + 1)}
+    lam = float(cfg.depth_eval)  # Poisson around depth_eval, clipped to [lo, hi]
+
+    def pmf(k: int) -> float:
+        return math.exp(k * math.log(lam) - lam - math.lgamma(k + 1))
+
+    probs = {k: pmf(k) for k in range(lo + 1, hi)}
+    probs[lo] = sum(pmf(k) for k in range(lo + 1))
+    probs[hi] = max(0.0, 1.0 - sum(probs.values()))
+    return probs
+
+
 def train_flops_per_token(cfg: ModelConfig, ctx: int | None = None) -> float:
     """Expected training FLOPs per token over the training depth distribution."""
-    ctx = cfg.block_size if ctx is None else ctx
-    if cfg.depth_dist == "uniform":
-        depths = range(cfg.depth_min, cfg.depth_max + 1)
-        return sum(_train_flops_at(cfg, k, ctx) for k in depths) / len(depths)
-    return _train_flops_at(cfg, min(max(cfg.depth_eval, cfg.depth_min), cfg.depth_max), ctx)
+    return sum(p * train_flops_at_depth(cfg, k, ctx) for k, p in depth_distribution(cfg).items())

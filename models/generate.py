@@ -24,6 +24,13 @@ class Generator:
         exactly as without a cache."""
         was_training = self.training  # type: ignore[attr-defined]
         self.eval()  # type: ignore[attr-defined]
+        try:
+            return self._generate(idx, max_new_tokens, n_steps, temperature, top_k, use_cache)
+        finally:
+            self.train(was_training)  # type: ignore[attr-defined]
+
+    def _generate(self, idx: torch.Tensor, max_new_tokens: int, n_steps: int | None,
+                  temperature: float, top_k: int | None, use_cache: bool) -> torch.Tensor:
         depth = self.pick_depth(n_steps)  # type: ignore[attr-defined]
         block_size = self.cfg.block_size  # type: ignore[attr-defined]
         caches: list[KVCache] | None = None
@@ -37,10 +44,10 @@ class Generator:
                 h = self.hidden(idx[:, fed:], depth, caches)  # type: ignore[attr-defined]
                 fed = idx.size(1)
             else:
+                # past block_size the window slides, positions shift, and the cache is void
                 h = self.hidden(idx[:, -block_size:], depth)  # type: ignore[attr-defined]
             logits = (h[:, -1, :] @ self.lm_weight().t()).float()  # type: ignore[attr-defined]
             idx = torch.cat((idx, self._pick(logits, temperature, top_k)), dim=1)
-        self.train(was_training)  # type: ignore[attr-defined]
         return idx
 
     @staticmethod

@@ -14,6 +14,31 @@ from torch.utils.checkpoint import checkpoint
 from config import ModelConfig
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight, computed in fp32, output in x's dtype. Autograd on the plain
+    formula would save two fp32 copies of x per call (four calls per block); this saves only
+    x itself (usually alive anyway) and one 1/rms per row, and recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp16 -> fp32; fp64 (gradcheck) stays
+        xf = x.to(dtype)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.to(rstd.dtype) * rstd
+        g = grad_out.to(rstd.dtype)
+        grad_weight = (g * x_hat).reshape(-1, x.size(-1)).sum(0)
+        g_hat = g * weight.to(rstd.dtype)
+        # d(x_hat)/dx = rstd * (I - x_hat x_hat^T / dim)
+        grad_x = rstd * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 whatever the autocast dtype (fp16 policy)."""
 
@@ -23,9 +48,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return out.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -42,6 +65,8 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """Rotate x (B, H, T, hd) as if its first token sat at position `pos`."""
         T = x.size(-2)
+        if pos + T > self.cos.size(0):
+            raise ValueError(f"position {pos + T - 1} is beyond block_size {self.cos.size(0)}")
         cos = self.cos[pos : pos + T].to(x.dtype)
         sin = self.sin[pos : pos + T].to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]

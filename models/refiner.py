@@ -4,7 +4,7 @@
     h = 0
     repeat K times (k = 0 .. K-1):
         c = shared_block(h + e + time(k))        # the same weights every pass
-        g = sigmoid(gate([h, c]))                # per position, per channel
+        g = sigmoid(W_h h + W_c c + b)           # the gate: per position, per channel
         h = h + g * (c - h)                      # blend the new thought into the state
     final norm -> LM head (tied to the embedding)
 
@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from config import ModelConfig
+from config import ConfigError, ModelConfig
 from models.generate import Generator
 from models.layers import (
     Block,
@@ -35,13 +35,13 @@ from models.layers import (
 )
 
 
-def time_code(k: int, dim: int, device: torch.device) -> torch.Tensor:
-    """A fixed sinusoidal code of the pass index; defined for any k, so depths beyond those
-    seen in training still get a distinct signal."""
+def time_codes(n: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed sinusoidal codes of the pass indices 0 .. n-1, (n, dim). Defined for any n, so
+    depths beyond those seen in training still get a distinct signal."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device) / half)
-    angles = k * freqs
-    return torch.cat([angles.sin(), angles.cos()])  # (dim,)
+    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs  # (n, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class CausalRefiner(Generator, nn.Module):
@@ -53,30 +53,36 @@ class CausalRefiner(Generator, nn.Module):
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         self.shared = Block(cfg)
         self.time_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.gate = nn.Linear(2 * cfg.d_model, cfg.d_model)
+        # The gate reads the old state and the new thought. Two (d, d) maps rather than one
+        # (2d, d) map over torch.cat([h, c]): same function, no concatenated copy per pass.
+        self.gate_h = nn.Linear(cfg.d_model, cfg.d_model)
+        self.gate_c = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         init_weights(self, cfg.init_std, cfg.n_prelude + cfg.depth_eval)
-        nn.init.normal_(self.gate.weight, std=cfg.init_std)
-        nn.init.constant_(self.gate.bias, cfg.gate_bias_init)
-        nn.init.normal_(self.time_proj.weight, std=cfg.init_std)
+        for lin in (self.time_proj, self.gate_h, self.gate_c):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+        nn.init.constant_(self.gate_h.bias, cfg.gate_bias_init)
 
     def lm_weight(self) -> torch.Tensor:
         return self.wte.weight  # the head is tied to the embedding
 
     def pick_depth(self, n_steps: int | None) -> int:
+        """Loop passes K: n_steps if given (any K >= 1, also beyond depth_max), else random in
+        training and depth_eval at inference."""
         if n_steps is not None:
+            if n_steps < 1:
+                raise ConfigError(f"n_steps: {n_steps} is out of range (allowed: [1, inf])")
             return n_steps
         if self.training:
             c = self.cfg
             return sample_depth(c.depth_min, c.depth_max, c.depth_eval, c.depth_dist, None)
         return self.cfg.depth_eval
 
-    def refine(self, h: torch.Tensor, e: torch.Tensor, k: int,
+    def refine(self, h: torch.Tensor, e: torch.Tensor, t: torch.Tensor,
                cache: KVCache | None = None) -> torch.Tensor:
-        """One pass of the shared block, blended into the running state h."""
-        t = self.time_proj(time_code(k, self.cfg.d_model, h.device).to(h.dtype))
+        """One pass of the shared block with time signal t (C,), blended into the state h."""
         c = self.shared(h + e + t, self.rope, cache)
-        g = torch.sigmoid(self.gate(torch.cat([h, c], dim=-1)))
+        g = torch.sigmoid(self.gate_h(h) + self.gate_c(c))
         return h + g * (c - h)
 
     def hidden(self, idx: torch.Tensor, n_steps: int | None = None,
@@ -86,12 +92,16 @@ class CausalRefiner(Generator, nn.Module):
         e = self.wte(idx)  # (B, T, C)
         for i, block in enumerate(self.prelude):
             e = block(e, self.rope, caches[i] if caches else None)
+        times = self.time_proj(time_codes(K, self.cfg.d_model, idx.device))  # (K, C), once
         h = torch.zeros_like(e)
-        first_with_grad = K - self.cfg.backprop_steps  # truncated backprop through the loop
+        # Truncated backprop: only the last backprop_steps passes record a graph. The earlier
+        # passes still shape h; the prelude learns through e, which every pass reads.
+        grad_on = torch.is_grad_enabled()
+        first_with_grad = K - self.cfg.backprop_steps
         for k in range(K):
             cache = caches[self.cfg.n_prelude + k] if caches else None
-            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_with_grad):
-                h = self.refine(h, e, k, cache)
+            with torch.set_grad_enabled(grad_on and k >= first_with_grad):
+                h = self.refine(h, e, times[k], cache)
         return self.norm_f(h)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,

@@ -37,10 +37,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=4)
 def get_tokenizer(path: str | None = None) -> tiktoken.Encoding:
-    """The r50k_base encoding from `path` (default: the shipped copy, or $LAB_TOKENIZER)."""
-    path = path or os.environ.get("LAB_TOKENIZER") or str(DEFAULT_PATH)
+    """The r50k_base encoding from `path` (default: $LAB_TOKENIZER, else the shipped copy)."""
+    return _load(path or os.environ.get("LAB_TOKENIZER") or str(DEFAULT_PATH))
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> tiktoken.Encoding:
     if not os.path.exists(path):
         raise TokenizerError(f"tokenizer file: {path} does not exist")
     digest = file_sha256(path)

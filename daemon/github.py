@@ -1,0 +1,869 @@
+"""The GitHub bridge: labelled issues become jobs, and jobs answer on their issues, exactly once.
+
+One sync cycle (`sync_once`, `lab github sync --once`, or the daemon's poller every
+LAB_GITHUB_POLL seconds):
+
+1. read the issues that changed since the last cycle (a conditional request: an unchanged repo
+   costs one 304, which GitHub does not count against the rate limit);
+2. for each: an open issue (not a pull request) labelled `gpu` or `cpu` with a ```toml block
+   becomes a job once per (issue, spec hash); a `/rerun` comment runs it again; `blocked` holds
+   it; closing the issue or removing the lane label cancels it; a bad spec gets one answer;
+3. turn every job linked to an issue into outbox rows: its status comment (edited in place),
+   its state label, and once it ends its result comment;
+4. send the outbox rows that are due, each retried with backoff that honours Retry-After and
+   X-RateLimit-Reset. A create that failed ambiguously (timeout or 5xx: GitHub may have applied
+   it) is never simply repeated: the sender first looks for the row's marker among the issue's
+   comments. That, and counting each attempt in the database before its request leaves, is what
+   keeps a comment single through faults and a kill -9.
+
+Safety: a spec only selects a job kind and values validated by that kind's Spec; nothing from an
+issue is ever executed. Only a labeller (or `/rerun` author) with write, maintain or admin
+permission, or listed in LAB_ALLOWED_USERS, starts work. The token is scrubbed from every
+error, log line and comment.
+
+Environment: GITHUB_TOKEN, GITHUB_REPOSITORY (owner/name), GITHUB_API_URL (default the public
+API), LAB_GITHUB_POLL (seconds), LAB_ALLOWED_USERS (comma-separated logins); the other knobs are
+the `github_*` fields of config.QueueConfig (LAB_QUEUE_GITHUB_TIMEOUT_SECONDS=5 and so on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import config
+import jobs as job_kinds
+from config import ConfigError
+from daemon import render
+from daemon.outbox import Outbox
+from daemon.store import ACTIVE, FINAL, Store
+
+log = logging.getLogger("lab.github")
+
+DEFAULT_API_URL = "https://api.github.com"
+LANE_LABELS = ("gpu", "cpu")
+STATE_LABELS = ("queued", "running", "succeeded", "failed")
+WRITE_ROLES = ("admin", "maintain", "write")
+LEASE_ROLE = "github-bridge"
+
+# name -> (colour, description): what `lab labels sync` makes true on the repository.
+LABELS: dict[str, tuple[str, str]] = {
+    "gpu": ("5319e7", "Lane: run this issue's spec on the GPU (one job at a time)"),
+    "cpu": ("1d76db", "Lane: run this issue's spec on the CPU lane"),
+    "blocked": ("b60205", "Hold: the lab does not start this issue's job until the label is removed"),
+    "queued": ("fbca04", "State: the job waits in the lab's queue"),
+    "running": ("0e8a16", "State: the job runs now"),
+    "succeeded": ("2ea44f", "State: the latest job succeeded"),
+    "failed": ("d93f0b", "State: the latest job failed"),
+    "needs-fix": ("e99695", "The spec in this issue is invalid: see the lab's comment"),
+    "architecture": ("c5def5", "Type: model architecture"),
+    "tools": ("bfd4f2", "Type: tooling, the queue, the lab itself"),
+    "ideas": ("d4c5f9", "Type: an idea to test with an ablation"),
+    "optimization": ("bfdadc", "Type: speed or memory"),
+    "documentation": ("0075ca", "Type: docs, findings, roadmap"),
+    "bug": ("d73a4a", "Something isn't working"),
+}
+
+EXAMPLE_SPEC = 'kind = "sleep"\nseconds = 1'
+TOML_BLOCK = re.compile(r"^[ \t]*```+[ \t]*toml[ \t]*\r?\n(.*?)^[ \t]*```+[ \t]*$", re.M | re.S)
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    token: str
+    repository: str
+    api_url: str
+    queue: config.QueueConfig  # config.queue_config() with LAB_GITHUB_POLL applied
+    allowed_users: frozenset[str]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings | None:
+        """None when GITHUB_TOKEN or GITHUB_REPOSITORY is missing (the daemon runs CLI-only)."""
+        env = os.environ if env is None else env
+        token, repo = env.get("GITHUB_TOKEN", "").strip(), env.get("GITHUB_REPOSITORY", "").strip()
+        if not token or not repo:
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", repo):
+            raise ConfigError(f"GITHUB_REPOSITORY: {repo!r} is not owner/name")
+        allowed = frozenset(u.strip().lower() for u in env.get("LAB_ALLOWED_USERS", "").split(",")
+                            if u.strip())
+        q = config.queue_config()
+        if env.get("LAB_GITHUB_POLL"):
+            try:
+                q = dataclasses.replace(q, github_poll_seconds=config.parse_value(env["LAB_GITHUB_POLL"]))
+            except ConfigError as e:
+                raise ConfigError(f"LAB_GITHUB_POLL: {e}") from None
+        api_url = (env.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
+        return cls(token=token, repository=repo, api_url=api_url, queue=q, allowed_users=allowed)
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self.token)
+
+    def __repr__(self) -> str:  # never print the token
+        return f"Settings(repository={self.repository!r}, api_url={self.api_url!r})"
+
+
+def scrub(text: str, token: str | None) -> str:
+    if token and len(token) >= 4:
+        text = text.replace(token, "***")
+    return text
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class BridgeError(Exception):
+    """A GitHub request failed; the message is scrubbed of the token."""
+
+    def __init__(self, message: str, status: int | None = None, retry_at: float | None = None):
+        super().__init__(message)
+        self.status, self.retry_at = status, retry_at
+
+
+class Transient(BridgeError):
+    """Worth retrying: 5xx, timeout, connection trouble, secondary rate limit."""
+
+
+class Stop(BridgeError):
+    """Stop this cycle: the rate limit is spent, or the token is refused."""
+
+
+class RateLimited(Stop):
+    """The primary rate limit is spent: nothing until X-RateLimit-Reset."""
+
+
+class Permanent(BridgeError):
+    """The request itself is wrong (404, 422): retrying the same request will not help."""
+
+
+def classify(exc: BaseException, token: str | None) -> BridgeError:
+    import requests
+    from github import GithubException
+
+    if isinstance(exc, BridgeError):
+        return exc
+    if isinstance(exc, GithubException):
+        headers = {str(k).lower(): str(v) for k, v in (exc.headers or {}).items()}
+        message = (exc.data or {}).get("message") if isinstance(exc.data, dict) else None
+        text = scrub(f"GitHub answered {exc.status}: {message or exc.data}", token)
+        t = time.time()
+        if exc.status in (403, 429) and headers.get("x-ratelimit-remaining") == "0":
+            reset = _float(headers.get("x-ratelimit-reset"))
+            return RateLimited(text, exc.status, retry_at=(reset + 1) if reset else t + 60)
+        if exc.status in (403, 429) and "retry-after" in headers:
+            return Transient(text, exc.status, retry_at=t + (_float(headers["retry-after"]) or 60))
+        if exc.status in (401, 403):
+            return Stop(text, exc.status, retry_at=t + 300)
+        if exc.status >= 500:
+            return Transient(text, exc.status)
+        return Permanent(text, exc.status)
+    if isinstance(exc, (requests.RequestException, OSError)):
+        return Transient(scrub(f"no answer from GitHub: {type(exc).__name__}: {exc}", token))
+    return Permanent(scrub(f"{type(exc).__name__}: {exc}", token))
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+# --- the API, through PyGithub ----------------------------------------------------------------
+
+
+class Api:
+    """The requests the bridge makes, through PyGithub, with errors classified and counted.
+
+    PyGithub's own retry is off (`retry=0`): its default retries POST on 5xx and timeouts, which
+    would create a second comment whenever the first one landed but its answer was lost. The
+    outbox retries instead, looking before it posts again."""
+
+    def __init__(self, settings: Settings):
+        import github
+
+        q = settings.queue
+        self.s = settings
+        self.gh = github.Github(
+            auth=github.Auth.Token(settings.token), base_url=settings.api_url,
+            timeout=q.github_timeout_seconds, retry=0, per_page=q.github_per_page,
+            user_agent="reasoning-lab-bridge",
+            seconds_between_requests=q.github_seconds_between_requests or None,
+            seconds_between_writes=q.github_seconds_between_writes or None, lazy=True)
+        self.repo = self.gh.get_repo(settings.repository)
+        self.repo_path = f"/repos/{settings.repository}"
+        self.requests = 0
+        self.bot_login: str | None = None
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.requests += 1
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every failure is classified, none escapes raw
+            raise classify(e, self.s.token) from None
+
+    @property
+    def rate(self) -> tuple[int, int, int]:
+        """(remaining, limit, reset epoch) as of the last response; (-1, -1, 0) before any."""
+        remaining, limit = self.gh.requester.rate_limiting
+        return remaining, limit, self.gh.requester.rate_limiting_resettime
+
+    def get(self, url: str, params: dict[str, Any] | None = None, etag: str | None = None
+            ) -> tuple[int, dict[str, Any], Any]:
+        """A GET with an optional If-None-Match: (status, headers, data); 304 -> data None."""
+        from github.Requester import Requester
+
+        headers = {"If-None-Match": etag} if etag else {}
+        status, h, out = self.call(self.gh.requester.requestJson, "GET", url, params, headers)
+        if status == 304:
+            return status, h, None
+        try:
+            data = json.loads(out) if out else None
+        except ValueError:
+            raise Transient(f"GitHub answered {status} with a body that is not JSON", status) from None
+        if status >= 400:
+            raise classify(Requester.createException(status, h, data), self.s.token)
+        return status, h, data
+
+    def get_all(self, url: str, params: dict[str, Any] | None = None, etag: str | None = None
+                ) -> tuple[list[Any] | None, str | None]:
+        """Every page of a list (Link rel="next"); (None, etag) when the first page is a 304."""
+        status, h, data = self.get(url, {**(params or {}), "per_page": self.s.queue.github_per_page}, etag)
+        if status == 304:
+            return None, etag
+        first_etag, items = h.get("etag"), list(data or [])
+        nxt = _next_link(h.get("link"))
+        while nxt:
+            _, h, data = self.get(nxt)
+            items += data or []
+            nxt = _next_link(h.get("link"))
+        return items, first_etag
+
+    def create_comment(self, issue: int, body: str) -> int:
+        return int(self.call(lambda: self.repo.get_issue(issue).create_comment(body).id))
+
+    def edit_comment(self, issue: int, comment_id: int, body: str) -> None:
+        self.call(lambda: self.repo.get_issue(issue).get_comment(comment_id).edit(body))
+
+    def comments(self, issue: int) -> list[dict[str, Any]]:
+        items, _ = self.get_all(f"{self.repo_path}/issues/{issue}/comments")
+        return items or []
+
+    def find_comment(self, issue: int, marker: str) -> dict[str, Any] | None:
+        """The bridge's comment on `issue` that carries `marker`, if one landed."""
+        for c in self.comments(issue):
+            if marker in (c.get("body") or ""):
+                return c
+        return None
+
+    def add_labels(self, issue: int, names: list[str]) -> None:
+        self.call(lambda: self.repo.get_issue(issue).add_to_labels(*names))
+
+    def remove_label(self, issue: int, name: str) -> None:
+        try:
+            self.call(lambda: self.repo.get_issue(issue).remove_from_labels(name))
+        except Permanent as e:
+            if e.status != 404:  # 404: the label was not there, which is what we wanted
+                raise
+
+    def role(self, login: str) -> str:
+        """admin, maintain, write, triage, read or none (the collaborator permission endpoint)."""
+        try:
+            _, _, data = self.get(f"{self.repo_path}/collaborators/{login}/permission")
+        except Permanent as e:
+            if e.status == 404:  # not a GitHub user we can see
+                return "none"
+            raise
+        except RateLimited:
+            raise
+        except Stop as e:
+            if e.status != 403:
+                raise
+            # A token that may not read permissions: only LAB_ALLOWED_USERS can start work.
+            log.warning("cannot read %s's permission (%s); only LAB_ALLOWED_USERS can start work", login, e)
+            return "none"
+        return str(data.get("role_name") or data.get("permission") or "none")
+
+    def labeller(self, issue: int, label: str) -> str | None:
+        """Who added `label` to `issue` most recently (the actor of its latest `labeled` event)."""
+        events, _ = self.get_all(f"{self.repo_path}/issues/{issue}/events")
+        who = None
+        for ev in events or []:
+            if ev.get("event") == "labeled" and (ev.get("label") or {}).get("name", "").lower() == label:
+                who = (ev.get("actor") or {}).get("login")
+        return who
+
+    def sync_labels(self) -> list[dict[str, str]]:
+        """Create or update LABELS on the repository; what was done to each."""
+        have = {lab.name.lower(): lab for lab in self.call(lambda: list(self.repo.get_labels()))}
+        done = []
+        for name, (color, description) in LABELS.items():
+            lab = have.get(name)
+            if lab is None:
+                self.call(self.repo.create_label, name, color, description)
+                action = "created"
+            elif (lab.color or "").lower() != color or (lab.description or "") != description:
+                self.call(lab.edit, lab.name, color, description)
+                action = "updated"
+            else:
+                action = "unchanged"
+            done.append({"label": name, "color": color, "action": action})
+        return done
+
+
+def _next_link(header: str | None) -> str | None:
+    for part in (header or "").split(","):
+        m = re.match(r'\s*<([^>]+)>;\s*rel="next"', part)
+        if m:
+            return m.group(1)
+    return None
+
+
+# --- issue -> spec ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IssueSpec:
+    kind: str
+    lane: str
+    spec: dict[str, Any]  # validated by the kind's Spec, defaults filled in
+    depends_on: int | None
+    earned_by: int | None  # the ablation job that earned a full GPU run (the rtx2060 gate)
+    hash: str
+
+
+class SpecProblem(Exception):
+    def __init__(self, field: str, problem: str, fix: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem, self.fix = field, problem, fix
+
+
+def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueSpec:
+    """An issue body and its lane label -> a validated spec, or SpecProblem naming the field."""
+    lanes = [x for x in LANE_LABELS if x in labels]
+    if len(lanes) != 1:
+        raise SpecProblem("label", "the issue has both lane labels `gpu` and `cpu`",
+                          "remove one of them: the label is the lane the job runs in")
+    blocks = TOML_BLOCK.findall(body or "")
+    if not blocks:
+        raise SpecProblem("toml", "the issue body has no fenced ```toml block",
+                          f'add one with `kind = "..."` (one of: {", ".join(job_kinds.kind_names())}) '
+                          "and that kind's keys")
+    if len(blocks) > 1:
+        raise SpecProblem("toml", f"the issue body has {len(blocks)} ```toml blocks",
+                          "keep exactly one spec block (put examples in another language fence)")
+    try:
+        values = tomllib.loads(blocks[0])
+    except tomllib.TOMLDecodeError as e:
+        raise SpecProblem("toml", f"invalid TOML ({e})",
+                          "fix the syntax: `key = value`, strings in quotes") from None
+    kind = values.pop("kind", None)
+    kinds = ", ".join(job_kinds.kind_names())
+    if kind is None:
+        raise SpecProblem("kind", "missing", f'add `kind = "..."`, one of: {kinds}')
+    if not isinstance(kind, str) or kind not in job_kinds.kind_names():
+        raise SpecProblem("kind", f"{kind!r} is not a job kind", f"set `kind` to one of: {kinds}")
+    depends_on = values.pop("depends-on", None)
+    if depends_on is not None and (not _positive_int(depends_on) or depends_on == number):
+        raise SpecProblem("depends-on", f"{depends_on!r} is not another issue's number",
+                          "write `depends-on = 12` (a plain number, not this issue) or remove the line")
+    earned_by = values.pop("earned-by", None)
+    if earned_by is not None and not _positive_int(earned_by):
+        raise SpecProblem("earned-by", f"{earned_by!r} is not a job id",
+                          "write `earned-by = 17`, the id of the ablation job whose verdict was better")
+    try:
+        lane = job_kinds.check_lane(kind, lanes[0])
+        spec = job_kinds.parse_spec(kind, values)
+    except ConfigError as e:
+        field, _, problem = str(e).partition(": ")
+        if field.startswith("Spec."):  # a kind's Spec names itself by class; the reader knows the kind
+            field = f"{kind}.{field[5:]}"
+        raise SpecProblem(field, problem or str(e), _fix_for(field, problem, kind)) from None
+    spec_dict = job_kinds.spec_to_dict(spec)
+    canon = json.dumps({"kind": kind, "lane": lane, "spec": spec_dict, "depends_on": depends_on,
+                        "earned_by": earned_by}, sort_keys=True, default=str)
+    digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
+    return IssueSpec(kind, lane, spec_dict, depends_on, earned_by, digest)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _fix_for(field: str, problem: str, kind: str) -> str:
+    key = field.split(".")[-1]
+    if field.startswith("--earned-by") or field.startswith("--force"):
+        return ("add `earned-by = ID` naming a succeeded ablation whose verdict was better "
+                "(a full rtx2060 GPU run must be earned)")
+    if field == "lane":
+        return "move the issue to a lane this kind allows: swap the `gpu`/`cpu` label"
+    if "unknown key" in problem:
+        return f"remove `{key}` or rename it to one of the allowed keys listed above"
+    if "required key is missing" in problem:
+        return f"add `{key} = ...` to the toml block"
+    if "expected" in problem:
+        return f"give `{key}` a value of the type named above (strings in quotes, numbers bare)"
+    if "out of range" in problem or "not allowed" in problem:
+        return f"choose a value for `{key}` from the allowed values above"
+    return f"correct `{key}` as described above"
+
+
+def _problem_hash(body: str | None, labels: list[str]) -> str:
+    blocks = TOML_BLOCK.findall(body or "")
+    seen = json.dumps({"blocks": blocks, "lanes": [x for x in LANE_LABELS if x in labels]}, sort_keys=True)
+    return hashlib.sha256(seen.encode()).hexdigest()[:16]
+
+
+# --- the bridge ---------------------------------------------------------------------------------
+
+
+class Bridge:
+    """One GitHub repository <-> one queue. `cycle()` is one full sync."""
+
+    def __init__(self, store: Store, settings: Settings, api: Api | None = None):
+        self.store, self.s = store, settings
+        self.outbox = Outbox(store)
+        self.api = api or Api(settings)
+        self.owner = f"{config.paths().host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.rng = random.Random()
+        self._roles: dict[str, str] = {}
+        self._issue: dict[str, Any] = {}
+        self._labels: list[str] = []
+        self.summary: dict[str, Any] = {}
+
+    # --- one cycle ---------------------------------------------------------------------------
+
+    def cycle(self) -> dict[str, Any]:
+        q = self.s.queue
+        start_requests = self.api.requests
+        self.summary = {"repository": self.s.repository, "issues_read": 0, "submitted": [], "cancelled": [],
+                        "answered": 0, "sent": 0, "failed": 0, "errors": []}
+        if not self.outbox.acquire_lease(LEASE_ROLE, self.owner, q.github_lease_seconds):
+            held = self.outbox.lease(LEASE_ROLE) or {}
+            self.summary["skipped"] = f"another bridge holds the lease ({held.get('owner')})"
+            return self.summary
+        self._roles = {}
+        paused = self.outbox.get_state("paused_until", 0.0)
+        if paused > time.time():
+            self.summary["paused_until"] = render.iso(paused)
+        else:
+            try:
+                self.adopt_undecided()
+                self.read_issues()
+                self.reflect_jobs()
+                self.flush()
+            except Stop as e:
+                self._pause(e)
+        self.summary["requests"] = self.api.requests - start_requests
+        remaining, limit, reset = self.api.rate
+        self.summary["rate_remaining"] = remaining
+        self.summary["outbox"] = self.outbox.counts()
+        return self.summary
+
+    def _pause(self, e: BridgeError) -> None:
+        until = e.retry_at or time.time() + 60
+        self.outbox.set_state("paused_until", until)
+        self.summary["paused_until"] = render.iso(until)
+        self._error(f"paused until {render.iso(until)}: {e}")
+
+    def _error(self, message: str) -> None:
+        message = self.s.scrub(message)
+        self.summary["errors"].append(message)
+        log.warning("%s", message)
+
+    def _check_rate(self) -> None:
+        remaining, _, reset = self.api.rate
+        if 0 <= remaining < self.s.queue.github_rate_reserve:
+            raise Stop(f"{remaining} requests left, below the reserve of {self.s.queue.github_rate_reserve}",
+                       retry_at=reset + 1 if reset else time.time() + 60)
+
+    def _read(self, fn: Callable[[], Any]) -> Any:
+        """A read, tried a few times within the cycle (reads are safe to repeat)."""
+        q = self.s.queue
+        for attempt in range(q.github_read_attempts):
+            self._check_rate()
+            try:
+                return fn()
+            except Transient as e:
+                if attempt + 1 == q.github_read_attempts:
+                    raise
+                wait = (e.retry_at - time.time()) if e.retry_at else q.github_backoff_seconds * 2 ** attempt
+                time.sleep(min(max(wait, 0.0), 10.0))
+        raise AssertionError("unreachable")
+
+    # --- issues -> jobs ----------------------------------------------------------------------
+
+    def read_issues(self) -> None:
+        """Handle every issue updated since the watermark; advance it only if all went well."""
+        since = self.outbox.get_state("issues_since")
+        cached = self.outbox.get_state("issues_etag") or {}
+        params: dict[str, Any] = {"state": "all" if since else "open", "sort": "updated", "direction": "asc"}
+        if since:
+            params["since"] = since
+        etag = cached.get("etag") if cached.get("since") == since else None
+        url = f"{self.api.repo_path}/issues"
+        try:
+            items, new_etag = self._read(lambda: self.api.get_all(url, params, etag))
+        except (Transient, Permanent) as e:
+            self._error(f"reading issues: {e}")
+            return
+        ok = True
+        if items is not None:
+            self.summary["issues_read"] = len(items)
+            for issue in sorted(items, key=lambda i: i["number"]):
+                ok = self._handle_safely(issue) and ok
+        for number in self.outbox.waiting_issues():
+            if items is None or number not in {i["number"] for i in items}:
+                try:
+                    _, _, issue = self._read(lambda n=number: self.api.get(f"{url}/{n}"))
+                except (Transient, Permanent) as e:
+                    self._error(f"issue #{number}: {e}")
+                    continue
+                self._handle_safely(issue)
+        if items is not None and ok:
+            newest = max((i["updated_at"] for i in items), default=since)
+            if newest and newest != since:
+                # A margin: GitHub times have one-second resolution, and reprocessing is idempotent.
+                t = datetime.strptime(newest, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp() - 2
+                newest = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.outbox.set_state("issues_since", newest)
+            self.outbox.set_state("issues_etag", {"since": since, "etag": new_etag})
+
+    def _handle_safely(self, issue: dict[str, Any]) -> bool:
+        try:
+            self.handle_issue(issue)
+            return True
+        except Transient as e:  # read it again next cycle (the watermark stays)
+            self._error(f"issue #{issue.get('number')}: {e}")
+            return False
+        except Permanent as e:  # retrying would not help; say so and move on
+            self._error(f"issue #{issue.get('number')}: {e}")
+            return True
+
+    def handle_issue(self, issue: dict[str, Any]) -> None:
+        n = int(issue["number"])
+        if "pull_request" in issue:
+            return  # a pull request with a lane label is not an experiment
+        labels = [lab["name"].lower() for lab in issue.get("labels", [])]
+        self._issue, self._labels = issue, labels
+        lane_labels = [x for x in LANE_LABELS if x in labels]
+        mine = [self.store.get(j) for j in self.outbox.issue_jobs(n)]
+        active = [j for j in mine if j and j["status"] in ACTIVE]
+        if issue["state"] != "open" or not lane_labels:
+            why = (f"issue #{n} was closed" if issue["state"] != "open"
+                   else f"the lane label was removed from #{n}")
+            for j in active:
+                if not j.get("cancel_requested"):
+                    self.store.cancel(j["id"], why)
+                    self.summary["cancelled"].append(j["id"])
+            if mine:
+                self.outbox.withdraw(n)
+            if self.outbox.issue_state(n)["waiting"]:
+                self.outbox.set_issue_state(n, waiting=None)
+            return
+        blocked = "blocked" in labels
+        for j in active:
+            if blocked and j["status"] in ("queued", "blocked") and not j.get("held"):
+                self.store.hold(j["id"], f"issue #{n} has the `blocked` label")
+            elif not blocked and j.get("held"):
+                self.store.unhold(j["id"])
+        try:
+            spec = parse_issue_spec(issue.get("body"), labels, n)
+        except SpecProblem as p:
+            self._answer_invalid(n, issue, labels, p)
+            return
+        if "needs-fix" in labels:
+            self.outbox.put_labels(f"needs-fix:{n}", n, add=[], remove=["needs-fix"])
+        st = self.outbox.issue_state(n)
+        reruns: list[dict[str, Any]] = []
+        cursor: dict[str, Any] = {}
+        if int(issue.get("comments") or 0) != st["comments_seen"]:
+            comments = self._read(lambda: self.api.comments(n))
+            fresh = [c for c in comments if int(c["id"]) > st["last_comment_id"]]
+            reruns = [c for c in fresh if (c.get("body") or "").strip().split()[:1] == ["/rerun"]]
+            cursor = {"comments_seen": int(issue.get("comments") or 0),
+                      "last_comment_id": max([st["last_comment_id"]] + [int(c["id"]) for c in comments])}
+        trigger: tuple[str, str | None] | None = None
+        if not self.outbox.ran(n, spec.hash):
+            actor = self._read(lambda: self.api.labeller(n, spec.lane))
+            if self._authorised(actor):
+                trigger = ("spec", actor)
+            else:
+                self._answer_unauthorised(n, actor, f"Adding the `{spec.lane}` label")
+        for c in reruns:  # several `/rerun` comments since the last look make one run
+            author = (c.get("user") or {}).get("login")
+            if self._authorised(author):
+                trigger = trigger or ("rerun", author)
+            else:
+                self._answer_unauthorised(n, author, "A `/rerun` comment", key_suffix=str(c["id"]))
+        if trigger is not None:
+            self._start(n, spec, trigger[0], trigger[1], cursor, blocked)
+        elif cursor:
+            self.outbox.set_issue_state(n, **cursor)
+
+    def _authorised(self, login: str | None) -> bool:
+        if not login:
+            return False
+        if login.lower() in self.s.allowed_users:
+            return True
+        if login not in self._roles:
+            self._roles[login] = self._read(lambda: self.api.role(login))
+        return self._roles[login] in WRITE_ROLES
+
+    def _start(self, n: int, spec: IssueSpec, reason: str, actor: str | None, cursor: dict[str, Any],
+               blocked: bool) -> None:
+        after = None
+        if spec.depends_on is not None:
+            dep = self.store.list_jobs(issue=spec.depends_on, newest_first=True, limit=1)
+            if not dep:
+                self.outbox.set_issue_state(n, waiting=spec.hash, **cursor)
+                key = f"waiting:{n}:{spec.hash}"
+                self.outbox.put_comment(key, "notice", n, render.key_marker(key),
+                                        render.waiting_comment(key, spec.depends_on), editable=False)
+                return
+            after = dep[0]["id"]
+        run_id = self.outbox.decide_run(n, spec.hash, reason, actor, {**cursor, "waiting": None})
+        try:
+            self._submit(run_id, n, spec, after, blocked)
+        except ConfigError as e:  # the queue refused it (the rtx2060 gate, a vanished dependency)
+            self.outbox.drop_run(run_id)
+            field, _, problem = str(e).partition(": ")
+            self._answer_invalid(n, self._issue, self._labels, SpecProblem(
+                field.lstrip("-"), problem or str(e), _fix_for(field, problem, spec.kind)))
+
+    def _submit(self, run_id: int, n: int, spec: IssueSpec, after: int | None, blocked: bool) -> int:
+        from daemon import queue
+
+        job = queue.submit(spec.kind, spec.spec, lane=spec.lane, after=after, issue=n,
+                           earned_by=spec.earned_by, source="github", store=self.store,
+                           held=f"issue #{n} has the `blocked` label" if blocked else None)
+        job_id = int(job["id"])
+        self.outbox.set_run_job(run_id, job_id)
+        self.summary["submitted"].append(job_id)
+        log.info("issue #%d -> job %d (%s on %s)", n, job_id, spec.kind, spec.lane)
+        return job_id
+
+    def adopt_undecided(self) -> None:
+        """Runs decided but not marked submitted (a crash in between): find the job or submit."""
+        for run in self.outbox.undecided_runs():
+            found = [j for j in self.store.list_jobs(issue=run["issue"])
+                     if j["source"] == "github" and j["created_at"] >= run["created_at"]
+                     and j["id"] not in self.outbox.issue_jobs(run["issue"])]
+            if found:
+                self.outbox.set_run_job(run["id"], found[0]["id"])
+            else:
+                self.outbox.drop_run(run["id"])  # the issue is read again and decides afresh
+                self.outbox.set_state("issues_since", None)
+
+    def _answer_invalid(self, n: int, issue: dict[str, Any], labels: list[str], p: SpecProblem) -> None:
+        key = f"invalid:{n}:{_problem_hash(issue.get('body'), labels)}"
+        if self.outbox.has(key):
+            return  # the same bad spec is answered once
+        body = render.invalid_comment(key, p.field, p.problem, p.fix, EXAMPLE_SPEC)
+        self.outbox.put_comment(key, "invalid", n, render.key_marker(key), self.s.scrub(body), editable=False)
+        self.outbox.put_labels(f"needs-fix:{n}", n, add=["needs-fix"], remove=[])
+        self.summary["answered"] += 1
+
+    def _answer_unauthorised(self, n: int, login: str | None, what: str, key_suffix: str = "") -> None:
+        key = f"unauthorised:{n}:{login or '-'}" + (f":{key_suffix}" if key_suffix else "")
+        if self.outbox.has(key):
+            return
+        self.outbox.put_comment(key, "notice", n, render.key_marker(key),
+                                render.unauthorised_comment(key, login, what), editable=False)
+        self.summary["answered"] += 1
+
+    # --- jobs -> outbox ------------------------------------------------------------------------
+
+    def reflect_jobs(self) -> None:
+        latest: dict[int, dict[str, Any]] = {}
+        for job in self.outbox.jobs_to_report():
+            n = int(job["issue"])
+            self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
+                                    self.s.scrub(render.status_comment(job)), job_id=job["id"])
+            if job["status"] in FINAL:
+                self.outbox.put_comment(f"result:{job['id']}", "result", n, render.result_marker(job["id"]),
+                                        self.s.scrub(render.result_comment(job)), job_id=job["id"],
+                                        source_at=job["finished_at"])
+            latest[n] = job
+        for n in latest:
+            newest = self.store.list_jobs(issue=n, newest_first=True, limit=1)[0]
+            state = {"queued": "queued", "blocked": "queued"}.get(newest["status"], newest["status"])
+            add = [state] if state in STATE_LABELS else []
+            self.outbox.put_labels(f"labels:{n}", n, add=add, remove=[], job_id=newest["id"])
+
+    # --- outbox -> GitHub ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        for row in self.outbox.due():
+            self._check_rate()
+            try:
+                if row["op"] == "comment":
+                    self._send_comment(row)
+                else:
+                    self._send_labels(row)
+                self.summary["sent"] += 1
+            except Stop as e:
+                self.outbox.mark_failed(row["id"], str(e), e.retry_at or time.time() + 60, give_up=False)
+                raise
+            except BridgeError as e:
+                self._failed(row, e)
+                if e.status in (403, 429):  # a secondary rate limit: the next write would meet it too
+                    break
+
+    def _failed(self, row: dict[str, Any], e: BridgeError) -> None:
+        q = self.s.queue
+        attempts = row["attempts"] + 1
+        give_up = isinstance(e, Permanent) or attempts >= q.outbox_max_attempts
+        delay = min(q.github_backoff_max_seconds, q.github_backoff_seconds * 2 ** (attempts - 1))
+        retry_at = time.time() + delay * (0.5 + self.rng.random() / 2)
+        if e.retry_at:
+            retry_at = max(retry_at, e.retry_at)
+        self.outbox.mark_failed(row["id"], str(e), retry_at, give_up)
+        self.summary["failed"] += 1
+        self._error(f"outbox {row['key']} (attempt {attempts}){' gave up' if give_up else ''}: {e}")
+
+    def _send_comment(self, row: dict[str, Any]) -> None:
+        n, body, marker = row["issue"], row["body"], row["marker"]
+        comment_id = row["comment_id"]
+        if comment_id is None and row["posts"] > 0:
+            # An earlier create may have landed (timeout, 5xx, or a crash mid-request): look first.
+            self.outbox.begin_attempt(row["id"], creating=False)
+            found = self._read(lambda: self.api.find_comment(n, marker))
+            if found is not None:
+                comment_id = int(found["id"])
+                self.outbox.set_comment_id(row["id"], comment_id)
+                if found.get("body") == body:
+                    self.outbox.mark_sent(row["id"], row["version"], comment_id)
+                    return
+        if comment_id is None:
+            self.outbox.begin_attempt(row["id"], creating=True)
+            comment_id = self.api.create_comment(n, body)
+            self.outbox.mark_sent(row["id"], row["version"], comment_id)
+            return
+        self.outbox.begin_attempt(row["id"], creating=False)
+        try:
+            self.api.edit_comment(n, comment_id, body)
+        except Permanent as e:
+            if e.status == 404:  # someone deleted it: post it again on the next try
+                self.outbox.forget_comment(row["id"])
+            raise
+        self.outbox.mark_sent(row["id"], row["version"], comment_id)
+
+    def _send_labels(self, row: dict[str, Any]) -> None:
+        self.outbox.begin_attempt(row["id"], creating=False)
+        if row["labels_add"]:
+            self.api.add_labels(row["issue"], list(row["labels_add"]))
+        for name in row["labels_remove"] or []:
+            self.api.remove_label(row["issue"], name)
+        self.outbox.mark_sent(row["id"], row["version"])
+
+    def close(self) -> None:
+        self.outbox.release_lease(LEASE_ROLE, self.owner)
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def sync_once(db: str | None = None, settings: Settings | None = None, store: Store | None = None
+              ) -> dict[str, Any]:
+    """One full cycle: read issues, enqueue, post what is due. Raises ConfigError when the
+    environment does not name a token and a repository."""
+    settings = settings or Settings.from_env()
+    if settings is None:
+        raise ConfigError("GITHUB_TOKEN and GITHUB_REPOSITORY: both must be set for the GitHub bridge")
+    own = store is None
+    store = store or Store(db or config.paths().db)
+    bridge = Bridge(store, settings)
+    try:
+        return bridge.cycle()
+    except Exception as e:  # noqa: BLE001 - the token must not leave in a traceback
+        raise RuntimeError(settings.scrub(f"GitHub sync failed: {type(e).__name__}: {e}")) from None
+    finally:
+        bridge.close()
+        if own:
+            store.dispose()
+
+
+def sync_labels(settings: Settings | None = None) -> list[dict[str, str]]:
+    settings = settings or Settings.from_env()
+    if settings is None:
+        raise ConfigError("GITHUB_TOKEN and GITHUB_REPOSITORY: both must be set to sync labels")
+    try:
+        return Api(settings).sync_labels()
+    except BridgeError as e:
+        raise RuntimeError(str(e)) from None
+
+
+class Poller(threading.Thread):
+    """The daemon's GitHub thread: a cycle every poll interval (sooner when an outbox row is due)."""
+
+    def __init__(self, db: str, settings: Settings, say: Callable[[str], None]):
+        super().__init__(name="lab-github", daemon=True)
+        self.db, self.s, self.say = db, settings, say
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        store = Store(self.db)
+        bridge: Bridge | None = None
+        try:
+            bridge = Bridge(store, self.s)
+            while not self.stopping.is_set():
+                try:
+                    summary = bridge.cycle()
+                    if summary["submitted"] or summary["cancelled"] or summary["sent"]:
+                        self.say(self.s.scrub(
+                            f"github: submitted {summary['submitted']}, cancelled {summary['cancelled']}, "
+                            f"sent {summary['sent']}, {summary['requests']} requests"))
+                except Exception as e:  # noqa: BLE001 - a poller logs and goes on
+                    self.say(self.s.scrub(f"github: cycle failed: {type(e).__name__}: {e}"))
+                self.stopping.wait(self._wait(bridge))
+        finally:
+            if bridge is not None:
+                bridge.close()
+            store.dispose()
+
+    def _wait(self, bridge: Bridge) -> float:
+        """Until the next poll, or sooner when an outbox row is due (but not before a pause ends)."""
+        poll = self.s.queue.github_poll_seconds
+        due = bridge.outbox.next_due_at()
+        if due is not None:
+            due = max(due, bridge.outbox.get_state("paused_until", 0.0))
+            poll = min(poll, max(0.2, due - time.time()))
+        return poll
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.join(timeout)
+
+
+def maybe_start(db: str, say: Callable[[str], None] = print, env: Mapping[str, str] | None = None
+                ) -> Poller | None:
+    """Start the poller when GITHUB_TOKEN and GITHUB_REPOSITORY are set; otherwise say once
+    that the daemon runs CLI-only, and return None."""
+    settings = Settings.from_env(env)
+    if settings is None:
+        say("GitHub bridge off (GITHUB_TOKEN and GITHUB_REPOSITORY not set): CLI only")
+        return None
+    poller = Poller(db, settings, say)
+    poller.start()
+    say(f"GitHub bridge on: {settings.repository} every {settings.queue.github_poll_seconds:g} s")
+    return poller
+
+
+__all__ = ["Settings", "Bridge", "Api", "sync_once", "sync_labels", "maybe_start", "Poller",
+           "parse_issue_spec", "SpecProblem", "LABELS"]

@@ -1,0 +1,140 @@
+"""`lab mcp`: the queue as MCP tools over stdio, so an agent uses it without parsing text.
+
+Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, and kinds (what
+each kind's spec accepts). They call the same functions as the CLI (daemon.queue, the store), so
+validation, the earned-run gate and the errors are the CLI's; a bad input comes back as a tool
+error whose text names the field, and nothing is queued. Jobs submitted here are recorded with
+source "mcp". There is deliberately no tool that trains in the foreground: work goes through the
+queue. Register it with Claude Code: `claude mcp add lab -- /path/to/.venv/bin/lab mcp`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
+
+from config import ConfigError
+
+# `wait` holds the call open; agents' MCP clients time requests out, so it is bounded and says
+# `timed_out` rather than failing. Call it again to keep waiting.
+MAX_WAIT_SECONDS = 3600.0
+MAX_LOG_LINES = 2000
+
+INSTRUCTIONS = """The reasoning-lab job queue. Submit work with `submit` (kind + spec, validated the same
+way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`; `status` shows both
+lanes and the daemon; `kinds` lists each kind's spec fields. Training and GPU work only ever run through
+this queue. A `train` job with preset rtx2060 on the gpu lane needs `earned_by` = a succeeded ablation
+with verdict `better` (or force=true with a reason)."""
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """The queue's own errors (bad spec, unknown job, wrong state) become tool errors the agent reads."""
+    from daemon.store import StateError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, StateError, FileNotFoundError) as e:
+        raise ToolError(str(e)) from None
+
+
+def submit(
+    kind: Annotated[str, Field(description="Job kind: sleep, smoke, train, eval, tokenize, ablation, "
+                                           "archive (see the kinds tool)")],
+    spec: Annotated[dict[str, Any] | None, Field(description="The kind's spec keys and values "
+                                                             "(like `--set key=value`)")] = None,
+    lane: Annotated[Literal["gpu", "cpu"] | None, Field(description="Default: the kind's first lane")] = None,
+    after: Annotated[int | None, Field(description="Run only after this job succeeded")] = None,
+    priority: Annotated[int, Field(description="Higher runs first within a lane")] = 0,
+    timeout_s: Annotated[float | None, Field(description="Seconds before the job is killed", gt=0)] = None,
+    earned_by: Annotated[int | None, Field(description="The ablation job that earned a full GPU run")] = None,
+    force: Annotated[bool, Field(description="Skip the earned-run gate (needs reason)")] = False,
+    reason: Annotated[str | None, Field(description="Why the gate is forced (recorded)")] = None,
+    issue: Annotated[int | None, Field(description="GitHub issue the result is posted to")] = None,
+) -> dict[str, Any]:
+    """Queue a job (validated like `lab submit`); returns the job as `show` does."""
+    from daemon import queue
+
+    return _call(queue.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
+                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, force=force, reason=reason,
+                 source="mcp")
+
+
+def status() -> dict[str, Any]:
+    """Both lanes (running, queued, blocked, paused), recent jobs, whether a daemon is alive, disk."""
+    from daemon import queue
+
+    return _call(queue.status)
+
+
+def show(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
+    """One job: kind, lane, status, spec, times (ISO 8601 UTC), attempts, exit code, error, result."""
+    from daemon import queue
+
+    return _call(queue.show, job_id)
+
+
+def wait(
+    job_id: Annotated[int, Field(description="Job id")],
+    timeout_s: Annotated[float, Field(description="Give up after this long (then timed_out is true)",
+                                      gt=0, le=MAX_WAIT_SECONDS)] = 300.0,
+) -> dict[str, Any]:
+    """Block until the job ends or timeout_s passes; returns the job plus `timed_out`."""
+    from daemon import queue
+
+    try:
+        job = _call(queue.wait, job_id, timeout_s)
+    except queue.WaitTimeout:
+        return {**_call(queue.show, job_id), "timed_out": True}
+    return {**job, "timed_out": False}
+
+
+def logs(
+    job_id: Annotated[int, Field(description="Job id")],
+    tail_lines: Annotated[int, Field(description="Last N lines", ge=1, le=MAX_LOG_LINES)] = 200,
+) -> dict[str, Any]:
+    """The last lines of a job's log (runs/<id>/log.txt on the host that ran it)."""
+    from daemon import queue
+
+    job = _call(queue.show, job_id)
+    path = queue.log_path(job)
+    text = path.read_text(errors="replace") if path is not None and path.exists() else ""
+    lines = text.splitlines()
+    return {"id": job_id, "status": job["status"], "host": job.get("host"),
+            "path": str(path) if path else None, "lines": len(lines),
+            "log": "\n".join(lines[-tail_lines:])}
+
+
+def cancel(
+    job_id: Annotated[int, Field(description="Job id")],
+    reason: Annotated[str, Field(description="Recorded with the job")] = "cancelled by agent",
+) -> dict[str, Any]:
+    """Cancel a job: a waiting one at once, a running one by killing its process group."""
+    from daemon import queue
+
+    now = _call(queue.open_store().cancel, job_id, reason)
+    return {"id": job_id, "status": now, "cancel_requested": now == "running"}
+
+
+def kinds() -> list[dict[str, Any]]:
+    """Job kinds, their lanes and spec fields (name, type, default, doc)."""
+    from daemon import queue
+
+    return _call(queue.kinds)
+
+
+TOOLS = (submit, status, show, wait, logs, cancel, kinds)
+
+
+def build_server() -> MCPServer:
+    server = MCPServer(name="lab", instructions=INSTRUCTIONS, log_level="WARNING")
+    for fn in TOOLS:
+        server.add_tool(fn)
+    return server
+
+
+def serve() -> None:
+    """Run on stdio until the client closes the connection."""
+    build_server().run("stdio")

@@ -1,0 +1,175 @@
+"""The queue's operations as the CLI, the GitHub bridge and the MCP server use them.
+
+`submit` validates everything before a row is written (kind, spec keys and types through the
+kind's Spec, lane, dependency, the rtx2060 gate); any problem is a `config.ConfigError` whose
+one-line message names the field, and nothing is queued. `status`, `wait` and `kinds` read the
+store; none of this needs a running daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import config
+import jobs
+from config import ConfigError
+from daemon.store import ACTIVE, FINAL, Store, iso, public
+
+GATED_PRESET = "rtx2060"
+
+
+class GateError(ConfigError):
+    """A full GPU run that was not earned by an ablation (nor forced with a reason)."""
+
+
+class WaitTimeout(Exception):
+    pass
+
+
+def open_store() -> Store:
+    return Store(config.paths().db)
+
+
+def check_gate(store: Store, kind: str, lane: str, spec: dict[str, Any], earned_by: int | None,
+               force: bool, reason: str | None) -> None:
+    """A `train` job with the rtx2060 preset on the GPU lane must be earned: `earned_by` names a
+    succeeded ablation whose verdict was `better`, or `force` comes with a reason."""
+    if force and not (reason or "").strip():
+        raise GateError("--force: needs --reason TEXT (it is recorded with the job)")
+    if earned_by is not None:
+        earner = store.get(earned_by)
+        if earner is None:
+            raise GateError(f"--earned-by: job {earned_by} does not exist")
+    if not (kind == "train" and lane == "gpu" and spec.get("preset") == GATED_PRESET):
+        return
+    if force:
+        return
+    if earned_by is None:
+        raise GateError(f"--earned-by: a train job with preset {GATED_PRESET} on the gpu lane must be "
+                        "earned: give --earned-by ABLATION_JOB (a succeeded ablation with verdict "
+                        "better) or --force --reason TEXT")
+    if earner["kind"] != "ablation":  # type: ignore[index]
+        raise GateError(f"--earned-by: job {earned_by} is a {earner['kind']} job, not an ablation")  # type: ignore[index]
+    if earner["status"] != "succeeded":  # type: ignore[index]
+        raise GateError(f"--earned-by: ablation {earned_by} is {earner['status']}, not succeeded")  # type: ignore[index]
+    verdict = (earner["result"] or {}).get("verdict")  # type: ignore[index]
+    if verdict != "better":
+        raise GateError(f"--earned-by: ablation {earned_by} has verdict {verdict!r}, not 'better'")
+
+
+def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after: int | None = None,
+           priority: int = 0, timeout_s: float | None = None, issue: int | None = None,
+           earned_by: int | None = None, force: bool = False, reason: str | None = None,
+           host: str | None = None, source: str = "cli", held: str | None = None,
+           store: Store | None = None) -> dict[str, Any]:
+    """Validate and queue one job; returns it as `lab show` prints it."""
+    store = store or open_store()
+    q = config.queue_config()
+    lane = jobs.check_lane(kind, lane)
+    spec = jobs.spec_to_dict(jobs.parse_spec(kind, values))
+    if after is not None and store.get(after) is None:
+        raise ConfigError(f"--after: job {after} does not exist")
+    if timeout_s is not None and not 0 < timeout_s <= 30 * 86_400:
+        raise ConfigError(f"--timeout: {timeout_s!r} is out of range (allowed: (0, 2592000] seconds)")
+    check_gate(store, kind, lane, spec, earned_by, force, reason)
+    job_id = store.submit(
+        kind, lane, spec, priority=priority, after=after,
+        timeout_s=timeout_s or q.default_timeout_seconds, max_attempts=q.max_attempts, issue=issue,
+        earned_by=earned_by, force_reason=reason.strip() if force and reason else None,
+        want_host=host, source=source, held=held)
+    return show(job_id, store)
+
+
+def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[str, Any]:
+    store = store or open_store()
+    job = store.get(job_id)
+    if job is None:
+        raise ConfigError(f"job {job_id}: no such job")
+    out = public(job)
+    if events:
+        out["events"] = [{"at": iso(e["at"]), "kind": e["kind"], "message": e["message"]}
+                         for e in store.events(job_id)]
+    return out
+
+
+def summary(job: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "kind", "lane", "status", "priority", "progress", "host", "created_at", "started_at",
+            "finished_at", "error", "after", "issue", "attempts")
+    p = public(job)
+    return {k: p.get(k) for k in keys}
+
+
+def status(store: Store | None = None) -> dict[str, Any]:
+    """What runs, what waits, progress and ETA, the daemons, the disk guard."""
+    from daemon.scheduler import disk_status  # huey import only where status is asked for
+
+    store = store or open_store()
+    q = config.queue_config()
+    active = store.list_jobs(ACTIVE)
+    recent = store.list_jobs(FINAL, limit=10, newest_first=True)
+    alive = store.daemons(alive_within=max(3 * q.heartbeat_seconds, q.lease_seconds))
+    disk = disk_status(Path(config.paths().runs).expanduser().resolve(), q)
+    paused = next((d["paused"] for d in alive if d["paused"]), None) or disk["reason"]
+    lanes: dict[str, Any] = {}
+    for lane in jobs.LANES:
+        mine = [j for j in active if j["lane"] == lane]
+        lanes[lane] = {
+            "running": [summary(j) for j in mine if j["status"] == "running"],
+            "queued": sum(j["status"] == "queued" for j in mine),
+            "blocked": sum(j["status"] == "blocked" for j in mine),
+            "paused": paused if lane == "gpu" else None,
+        }
+    hosts = [{"id": d["id"], "host": d["host"], "pid": d["pid"], "lanes": d["lanes"].split(","),
+              "heartbeat": iso(d["heartbeat_at"]), "paused": d["paused"]} for d in alive]
+    newest = alive[0] if alive else None
+    daemon = {"alive": bool(alive), "host": newest and newest["host"], "pid": newest and newest["pid"],
+              "heartbeat": newest and iso(newest["heartbeat_at"]), "count": len(alive)}
+    return {"lanes": lanes, "jobs": [summary(j) for j in active + recent], "daemon": daemon,
+            "daemons": hosts, "disk": disk}
+
+
+def wait(job_id: int, timeout_s: float | None = None, store: Store | None = None,
+         poll_s: float = 0.2) -> dict[str, Any]:
+    """Block until the job is final; WaitTimeout after `timeout_s`."""
+    store = store or open_store()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        job = store.get(job_id)
+        if job is None:
+            raise ConfigError(f"job {job_id}: no such job")
+        if job["status"] in FINAL:
+            return public(job)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(f"job {job_id} is still {job['status']} after {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
+def kinds() -> list[dict[str, Any]]:
+    out = []
+    for name in jobs.kind_names():
+        try:
+            jk = jobs.get_kind(name)
+        except Exception as e:  # a kind module under construction must not break the listing
+            out.append({"kind": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        hints = typing.get_type_hints(jk.spec)
+        fields = []
+        for f in dataclasses.fields(jk.spec):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = None if required else (f.default if f.default is not dataclasses.MISSING
+                                              else f.default_factory())
+            fields.append({"name": f.name, "type": config._type_name(hints.get(f.name, Any)),
+                           "default": default, "required": required,
+                           "doc": (f.metadata or {}).get("doc", "")})
+        summary_line = " ".join(jk.doc.split("\n\n")[0].split())  # the doc's first paragraph
+        out.append({"kind": name, "lanes": list(jk.lanes), "doc": summary_line,
+                    "fields": fields})
+    return out
+
+
+def log_path(job: dict[str, Any]) -> Path | None:
+    return Path(job["run_dir"]) / "log.txt" if job.get("run_dir") else None

@@ -1,0 +1,282 @@
+"""Markdown the bridge posts on issues: status comments, result comments, answers to bad specs.
+
+Every comment carries an HTML-comment marker (`<!-- lab:status 17 -->`, `<!-- lab:result 17 -->`,
+`<!-- lab:invalid -->`) that finds it again on GitHub. Bodies never include the current time, so
+a status comment is edited only when something the reader sees has changed. Everything stays
+under GitHub's 65,536-character comment limit: long parts (log tail, ablation report) have
+fixed budgets and `fit` cuts whatever still overflows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from daemon.store import iso
+
+COMMENT_LIMIT = 65_536
+LOG_TAIL_LINES = 60
+LOG_TAIL_CHARS = 8_000
+REPORT_CHARS = 30_000
+TABLE_ROWS = 40
+CURVE_POINTS = 40
+
+EMOJI = {"queued": "⏳", "blocked": "⏸️", "running": "🏃", "succeeded": "✅", "failed": "❌",
+         "cancelled": "⚪"}
+
+
+def status_marker(job_id: int) -> str:
+    return f"<!-- lab:status {job_id} -->"
+
+
+def result_marker(job_id: int) -> str:
+    return f"<!-- lab:result {job_id} -->"
+
+
+INVALID_MARKER = "<!-- lab:invalid -->"
+
+
+def key_marker(key: str) -> str:
+    """A marker that names one outbox row, for comments that have no job of their own."""
+    return f"<!-- lab:key {key} -->"
+
+
+# --- small pieces ---------------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def number(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def cell(v: Any) -> str:
+    """A table cell: one line, pipes escaped, not too long."""
+    text = number(v).replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def code_block(text: str, lang: str = "") -> str:
+    """Fence `text` with more backticks than any run inside it, so a log cannot break out."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def table(headers: list[str], rows: list[list[Any]], max_rows: int = TABLE_ROWS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows[:max_rows]]
+    if len(rows) > max_rows:
+        lines.append(f"| ... {len(rows) - max_rows} more rows |" + " |" * (len(headers) - 1))
+    return "\n".join(lines)
+
+
+def flat_metrics(result: Any, prefix: str = "", depth: int = 2) -> list[tuple[str, Any]]:
+    """The scalar values of a job's result as (dotted name, value), lists left out."""
+    out: list[tuple[str, Any]] = []
+    if not isinstance(result, dict):
+        return [("result", result)] if result is not None and not isinstance(result, list) else []
+    for k, v in result.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and depth > 1:
+            out += flat_metrics(v, name + ".", depth - 1)
+        elif isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 200):
+            out.append((name, v))
+    return out
+
+
+def tail(text: str, max_lines: int = LOG_TAIL_LINES, max_chars: int = LOG_TAIL_CHARS) -> str:
+    lines = [ln if len(ln) <= 400 else ln[:397] + "..." for ln in text.splitlines()[-max_lines:]]
+    out = "\n".join(lines)
+    return out if len(out) <= max_chars else "..." + out[-max_chars:]
+
+
+def progress_bar(step: float, total: float, width: int = 20) -> str:
+    frac = min(1.0, max(0.0, step / total)) if total else 0.0
+    full = int(round(frac * width))
+    return "█" * full + "░" * (width - full)
+
+
+def mermaid_curve(points: list[tuple[float, float]], title: str, y_label: str, x_label: str = "step") -> str:
+    """A line chart GitHub renders (mermaid xychart-beta), at most CURVE_POINTS points."""
+    if len(points) > CURVE_POINTS:
+        stride = len(points) / CURVE_POINTS
+        picked = [points[int(i * stride)] for i in range(CURVE_POINTS - 1)] + [points[-1]]
+    else:
+        picked = points
+    xs = ", ".join(number(x) for x, _ in picked)
+    ys = ", ".join(f"{y:.4g}" for _, y in picked)
+    return ("```mermaid\nxychart-beta\n"
+            f'    title "{title}"\n    x-axis "{x_label}" [{xs}]\n'
+            f'    y-axis "{y_label}"\n    line [{ys}]\n```')
+
+
+def loss_curve(run_dir: Path) -> str | None:
+    """The training loss against step from a run's metrics.jsonl, if it has enough points."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    points: list[tuple[float, float]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        loss, step = rec.get("loss"), rec.get("step")
+        if rec.get("event", "train") == "train" and isinstance(loss, (int, float)) and isinstance(step, int) \
+                and math.isfinite(loss):
+            points.append((step, float(loss)))
+    if len(points) < 3:
+        return None
+    return mermaid_curve(points, "training loss", "loss")
+
+
+def fit(text: str, limit: int = COMMENT_LIMIT, where: str = "") -> str:
+    """Cut `text` to GitHub's limit, saying where the rest is."""
+    if len(text) <= limit:
+        return text
+    note = f"\n\n... cut to fit GitHub's comment limit{'; the full text is in ' + where if where else ''}."
+    return text[: limit - len(note) - 10] + note
+
+
+def _files_line(job: dict[str, Any]) -> str:
+    run_dir = job.get("run_dir") or f"runs/{job['id']}"
+    host = f" on host `{job['host']}`" if job.get("host") else ""
+    return f"**Files:** `{run_dir}`{host} · `lab show {job['id']} --json` · `lab logs {job['id']}`"
+
+
+# --- the comments ---------------------------------------------------------------------------
+
+
+def status_comment(job: dict[str, Any]) -> str:
+    """The one status comment of a job, edited in place as it moves."""
+    jid, status = job["id"], job["status"]
+    lines = [status_marker(jid),
+             f"### {EMOJI.get(status, '')} Job {jid} · `{job['kind']}` on lane `{job['lane']}` · "
+             f"**{status}**", ""]
+    rows: list[list[Any]] = []
+    prog = job.get("progress") or {}
+    if status == "blocked":
+        after = f"waits for job {job['after_id']} to succeed" if job.get("after_id") else ""
+        why = job.get("held") or after
+        rows.append(["waiting", why or "blocked"])
+    if prog and prog.get("total"):
+        step, total = prog.get("step", 0), prog["total"]
+        rows.append(["progress", f"{number(step)} / {number(total)} ({100 * step / total:.0f} %) "
+                                 f"`{progress_bar(step, total)}`"])
+        if status == "running" and prog.get("eta_s") is not None:
+            rows.append(["ETA", duration(prog["eta_s"])])
+        metrics = prog.get("metrics") or {}
+        if metrics:
+            rows.append(["latest", ", ".join(f"{k} = {number(v)}" for k, v in list(metrics.items())[:6])])
+    if job.get("attempts"):
+        rows.append(["attempt", f"{job['attempts']} of {job.get('max_attempts', '?')}"
+                     + (f" on host `{job['host']}`" if job.get("host") else "")])
+    rows.append(["queued at", iso(job.get("created_at"))])
+    if job.get("started_at"):
+        rows.append(["started at", iso(job["started_at"])])
+    if job.get("finished_at"):
+        rows.append(["finished at", iso(job["finished_at"])])
+    if job.get("cancel_requested") and status == "running":
+        rows.append(["cancel", f"requested: {job.get('cancel_reason') or ''}"])
+    lines += [table(["", ""], rows), ""]
+    if status in ("succeeded", "failed", "cancelled"):
+        lines.append(f"Finished **{status}**: the result is in the comment below.")
+    else:
+        lines.append(f"Follow it: `lab logs {jid} --follow` · `lab show {jid}`")
+    return fit("\n".join(lines))
+
+
+def result_comment(job: dict[str, Any]) -> str:
+    """The one result comment of a finished job."""
+    jid, status = job["id"], job["status"]
+    run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
+    took = None
+    if job.get("finished_at") and job.get("started_at"):
+        took = job["finished_at"] - job["started_at"]
+    parts = [result_marker(jid),
+             f"### {EMOJI.get(status, '')} Job {jid} {status}",
+             f"`{job['kind']}` on lane `{job['lane']}` · took {duration(took)} · "
+             f"attempt {job.get('attempts', 0)} · finished {iso(job.get('finished_at')) or 'unknown'}"]
+    result = job.get("result")
+    if isinstance(result, dict) and "verdict" in result:
+        parts.append(f"**Verdict: {result['verdict']}**")
+        arms = result.get("arms") or []
+        if arms:
+            cols = ["name", "params", "flops_per_token", "mean", "ci_low", "ci_high", "verdict"]
+            parts.append(table(cols, [[a.get(c, "") for c in cols] for a in arms if isinstance(a, dict)]))
+        report = run_dir / "report.md" if run_dir else None
+        if report is not None and report.is_file():
+            text = report.read_text(errors="replace")
+            if len(text) > REPORT_CHARS:
+                text = text[:REPORT_CHARS] + f"\n\n... (cut; the whole report is `{report}`)"
+            parts.append("<details><summary>report.md</summary>\n\n" + text + "\n\n</details>")
+    metrics = [(k, v) for k, v in flat_metrics(result) if k != "verdict"]
+    if metrics:
+        parts.append("**Metrics**\n\n" + table(["metric", "value"], [[k, v] for k, v in metrics]))
+    if status != "succeeded":
+        reason = job.get("error") or job.get("cancel_reason") or "no reason recorded"
+        exit_code = job.get("exit_code")
+        parts.append(f"**Reason:** {cell(reason) if len(reason) < 300 else reason[:300] + '...'}"
+                     + (f" (exit code {exit_code})" if exit_code is not None else ""))
+        log = run_dir / "log.txt" if run_dir else None
+        if log is not None and log.is_file():
+            parts.append(f"**Log tail** (`{log}`)\n\n" + code_block(tail(log.read_text(errors="replace"))))
+    curve = loss_curve(run_dir) if run_dir and run_dir.is_dir() else None
+    if curve:
+        parts.append(curve)
+    parts.append(_files_line(job))
+    return fit("\n\n".join(parts), where=str(run_dir or f"runs/{jid}"))
+
+
+def invalid_comment(key: str, field: str, problem: str, fix: str, example: str) -> str:
+    return fit("\n".join([
+        INVALID_MARKER, key_marker(key),
+        "### ⚠️ This issue's spec cannot run yet",
+        "",
+        f"**Field:** `{field}` — {problem}",
+        "",
+        f"**Fix:** {fix}",
+        "",
+        "A spec is one fenced toml block in the issue body, for example:",
+        "",
+        code_block(example, "toml"),
+        "",
+        "Edit the issue body; the lab reads it again on its next poll and the `needs-fix` label goes away.",
+    ]))
+
+
+def unauthorised_comment(key: str, login: str | None, what: str) -> str:
+    who = f"@{login}" if login else "whoever added the label"
+    return "\n".join([
+        key_marker(key),
+        f"Thanks {who}! {what} needs someone with write access to this repository (or listed in "
+        "`LAB_ALLOWED_USERS`) to start lab work, so nothing was queued. A maintainer can add the lane label "
+        "(`gpu` or `cpu`) or comment `/rerun` to run it.",
+    ])
+
+
+def waiting_comment(key: str, dep_issue: int) -> str:
+    return "\n".join([
+        key_marker(key),
+        f"⏳ This spec has `depends-on = {dep_issue}`, and issue #{dep_issue} has no job yet. "
+        f"It will be queued as soon as #{dep_issue} gets one, and run once that job succeeds.",
+    ])

@@ -1,0 +1,548 @@
+"""The queue's tables (`lab_*`) and the only code that writes them.
+
+The `lab_jobs` row is the truth about a job; huey only carries "run job N now" messages, and it
+forgets a message once dequeued. Every state change below is ONE transaction whose UPDATE checks
+the state it comes from (`WHERE id = ? AND status = 'queued'`), so two daemons cannot both start
+a job, and a stale process cannot overwrite a newer attempt (`AND attempts = ?` fences it).
+
+States: queued -> running -> succeeded | failed | cancelled; blocked -> queued (the job it waits
+on succeeded) or cancelled (it failed); a running job whose lease expired goes back to queued
+(attempts counts the claims; at max_attempts it fails instead).
+
+Lease: a running job holds (lease_owner, host, heartbeat_at, lease_expires_at). The daemon that
+claimed it and the job's own process both renew it, so a job that outlives its daemon keeps its
+lease and finishes; whoever finds an expired lease requeues the job (`sweep_expired`).
+
+Times are float seconds since the epoch (UTC) in the database, which keeps lease arithmetic and
+SQL portable; `public()` turns them into ISO 8601 UTC strings for people and agents. Hosts are
+assumed to have synchronised clocks (NTP) when several share one database.
+
+Engine: `LAB_DB` is a path (SQLite: WAL, a busy timeout, and write transactions that take the
+write lock at BEGIN so two processes never deadlock on a lock upgrade) or a SQLAlchemy URL
+(`postgresql+psycopg://...`). Nothing outside `make_engine` knows which. Other modules (the
+GitHub bridge) add their own tables to `metadata` and call `Store.create_tables()`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+STATUSES = ("queued", "blocked", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "blocked", "running")
+
+metadata = MetaData()
+
+jobs = Table(
+    "lab_jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(64), nullable=False),
+    Column("lane", String(8), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("spec", JSON, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("claimed_at", Float),  # the lease was taken (the process may still wait for the GPU lock)
+    Column("started_at", Float),  # the job's process holds its lane (GPU lock) and runs
+    Column("finished_at", Float),
+    Column("attempts", Integer, nullable=False, default=0),  # claims so far
+    Column("max_attempts", Integer, nullable=False),
+    Column("exit_code", Integer),  # negative: killed by that signal
+    Column("error", Text),
+    Column("result", JSON),
+    Column("progress", JSON),  # {"step", "total", "eta_s", "metrics", "at"}
+    Column("after_id", Integer),  # run only after this job succeeded
+    Column("timeout_s", Float, nullable=False),
+    Column("lease_owner", String(160)),  # the daemon instance that claimed the running attempt
+    Column("host", String(128)),  # where it runs / ran (run files stay there)
+    Column("want_host", String(128)),  # only this host may claim it (None: any)
+    Column("heartbeat_at", Float),
+    Column("lease_expires_at", Float),
+    Column("pid", Integer),  # the job's process (leader of its process group) on `host`
+    Column("run_dir", Text),
+    Column("issue", Integer),  # the GitHub issue the job answers to
+    Column("source", String(32)),  # cli, github, mcp, ...
+    Column("earned_by", Integer),  # the ablation job that earned a full GPU run
+    Column("force_reason", Text),  # ... or why the gate was forced
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("cancel_reason", Text),
+    Column("held", Text),  # a reason that keeps the job blocked (e.g. GitHub `blocked` label)
+)
+
+events = Table(
+    "lab_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", Integer, nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("message", Text, nullable=False),
+)
+
+# One row per daemon process ever started: liveness for `lab status`, and which huey queues died.
+daemons = Table(
+    "lab_daemons", metadata,
+    Column("id", String(160), primary_key=True),
+    Column("host", String(128), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("lanes", String(32), nullable=False),
+    Column("cpu_workers", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    Column("paused", Text),  # why the GPU lane takes no new job (disk guard), None if it does
+)
+
+# One row per host: the row lock that serialises GPU claims on that host (Postgres row lock,
+# SQLite write lock), so two daemons on one host cannot both see "no GPU job running".
+hosts = Table(
+    "lab_hosts", metadata,
+    Column("host", String(128), primary_key=True),
+    Column("gpu_claimed_at", Float),
+)
+
+
+def now() -> float:
+    return time.time()
+
+
+def iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def db_url(db: str) -> str:
+    """A LAB_DB value -> a SQLAlchemy URL: URLs pass through, paths become sqlite:///ABS."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def make_engine(db: str) -> Engine:
+    url = db_url(db)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _rec: Any) -> None:
+            # Let SQLAlchemy's begin event (below) issue BEGIN itself, not the driver.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout = 30000")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # Writers take the lock up front: a deferred transaction that reads and then writes
+            # fails at once (SQLITE_BUSY) in WAL mode instead of waiting for the busy timeout.
+            read_only = conn.get_execution_options().get("lab_read", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class StateError(ValueError):
+    """The job is not in a state that allows this (cancel a finished job, retry a running one)."""
+
+
+class Store:
+    def __init__(self, db: str, create: bool = True):
+        self.url = db_url(db)
+        self.engine = make_engine(db)
+        if create:
+            self.create_tables()
+
+    def create_tables(self) -> None:
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except (OperationalError, ProgrammingError, IntegrityError):
+                # Two processes creating the schema at once (Postgres): the loser retries.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.execution_options(lab_read=True)
+            with conn.begin():
+                yield conn
+
+    @staticmethod
+    def _event(conn: Connection, job_id: int, kind: str, message: str) -> None:
+        conn.execute(insert(events).values(job_id=job_id, at=now(), kind=kind, message=message))
+
+    # --- submit and read -----------------------------------------------------------------
+
+    def submit(self, kind: str, lane: str, spec: dict[str, Any], *, priority: int = 0,
+               after: int | None = None, timeout_s: float, max_attempts: int,
+               issue: int | None = None, earned_by: int | None = None,
+               force_reason: str | None = None, want_host: str | None = None,
+               source: str = "cli", held: str | None = None) -> int:
+        """Insert a job (already validated by the caller): queued, or blocked when it waits on
+        another job or is held."""
+        t = now()
+        with self._write() as c:
+            status = "queued"
+            if held:
+                status = "blocked"
+            elif after is not None:
+                dep = c.execute(select(jobs.c.status).where(jobs.c.id == after)).scalar()
+                if dep != "succeeded":
+                    status = "blocked"
+            job_id = c.execute(insert(jobs).values(
+                kind=kind, lane=lane, status=status, spec=spec, priority=priority, created_at=t,
+                updated_at=t, attempts=0, max_attempts=max_attempts, after_id=after,
+                timeout_s=timeout_s, issue=issue, earned_by=earned_by, force_reason=force_reason,
+                want_host=want_host, source=source, cancel_requested=False, held=held,
+            )).inserted_primary_key[0]
+            self._event(c, job_id, "submitted", f"{kind} on lane {lane} ({status})")
+        return int(job_id)
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        with self._read() as c:
+            row = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    get_job = get
+
+    def list_jobs(self, statuses: Iterable[str] | None = None, lane: str | None = None,
+                  kind: str | None = None, issue: int | None = None, limit: int | None = None,
+                  newest_first: bool = False) -> list[dict[str, Any]]:
+        q = select(jobs)
+        if statuses is not None:
+            q = q.where(jobs.c.status.in_(list(statuses)))
+        if lane is not None:
+            q = q.where(jobs.c.lane == lane)
+        if kind is not None:
+            q = q.where(jobs.c.kind == kind)
+        if issue is not None:
+            q = q.where(jobs.c.issue == issue)
+        q = q.order_by(jobs.c.id.desc() if newest_first else jobs.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._read() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def events(self, job_id: int) -> list[dict[str, Any]]:
+        with self._read() as c:
+            rows = c.execute(select(events).where(events.c.job_id == job_id).order_by(events.c.id))
+            return [dict(r) for r in rows.mappings()]
+
+    def add_event(self, job_id: int, kind: str, message: str) -> None:
+        with self._write() as c:
+            self._event(c, job_id, kind, message)
+
+    # --- the scheduler's transitions -------------------------------------------------------
+
+    def resolve_blocked(self) -> list[tuple[int, str]]:
+        """Blocked jobs whose dependency succeeded -> queued; failed/cancelled -> cancelled."""
+        changed: list[tuple[int, str]] = []
+        dep = jobs.alias("dep")
+        with self._read() as c:
+            if not c.execute(select(jobs.c.id).where(jobs.c.status == "blocked", jobs.c.held.is_(None))
+                             .limit(1)).first():
+                return changed
+        with self._write() as c:
+            rows = c.execute(
+                select(jobs.c.id, jobs.c.after_id, dep.c.status)
+                .select_from(jobs.outerjoin(dep, dep.c.id == jobs.c.after_id))
+                .where(jobs.c.status == "blocked", jobs.c.held.is_(None))
+            ).all()
+            t = now()
+            for job_id, after_id, dep_status in rows:
+                if after_id is None or dep_status == "succeeded":
+                    new, reason = "queued", None
+                elif dep_status in ("failed", "cancelled") or dep_status is None:
+                    new = "cancelled"
+                    reason = f"dependency job {after_id} {dep_status or 'does not exist'}"
+                else:
+                    continue
+                n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "blocked")
+                              .values(status=new, updated_at=t, error=reason,
+                                      finished_at=t if new == "cancelled" else None)).rowcount
+                if n:
+                    self._event(c, job_id, new, reason or f"dependency job {after_id} succeeded")
+                    changed.append((job_id, new))
+        return changed
+
+    def claim_next(self, lane: str, owner: str, host: str, runs_root: str | Path,
+                   lease_seconds: float) -> dict[str, Any] | None:
+        """Take the best queued job of `lane` (priority, then FIFO) for `owner`. On the GPU lane
+        nothing is taken while any GPU job runs on `host`."""
+        try:
+            return self._claim_next(lane, owner, host, runs_root, lease_seconds)
+        except IntegrityError:  # two first-ever GPU claims of a new host raced to insert its row
+            return self._claim_next(lane, owner, host, runs_root, lease_seconds)
+
+    def _claim_next(self, lane: str, owner: str, host: str, runs_root: str | Path,
+                    lease_seconds: float) -> dict[str, Any] | None:
+        with self._read() as c:  # the common case, nothing to do, costs no write lock
+            if not c.execute(select(jobs.c.id).where(jobs.c.lane == lane, jobs.c.status == "queued")
+                             .limit(1)).first():
+                return None
+        t = now()
+        with self._write() as c:
+            if lane == "gpu":
+                # Row lock on this host: concurrent GPU claims on one host run one after another.
+                n = c.execute(update(hosts).where(hosts.c.host == host).values(gpu_claimed_at=t)).rowcount
+                if not n:
+                    c.execute(insert(hosts).values(host=host, gpu_claimed_at=t))
+                busy = c.execute(select(jobs.c.id).where(
+                    jobs.c.lane == "gpu", jobs.c.status == "running", jobs.c.host == host).limit(1)).first()
+                if busy:
+                    return None
+            candidates = c.execute(
+                select(jobs.c.id, jobs.c.attempts).where(
+                    jobs.c.lane == lane, jobs.c.status == "queued",
+                    or_(jobs.c.want_host.is_(None), jobs.c.want_host == host))
+                .order_by(jobs.c.priority.desc(), jobs.c.id).limit(5)
+            ).all()
+            for job_id, attempts in candidates:
+                run_dir = str(Path(runs_root) / str(job_id))
+                n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "queued").values(
+                    status="running", attempts=attempts + 1, lease_owner=owner, host=host,
+                    claimed_at=t, heartbeat_at=t, lease_expires_at=t + lease_seconds, updated_at=t,
+                    run_dir=run_dir, pid=None, started_at=None, finished_at=None, exit_code=None,
+                    error=None, result=None, progress=None,
+                )).rowcount
+                if n:
+                    self._event(c, job_id, "claimed", f"attempt {attempts + 1} by {owner}")
+                    return dict(c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+        return None
+
+    def _mine(self, job_id: int, attempt: int) -> Any:
+        return and_(jobs.c.id == job_id, jobs.c.status == "running", jobs.c.attempts == attempt)
+
+    def mark_started(self, job_id: int, attempt: int, pid: int) -> bool:
+        t = now()
+        with self._write() as c:
+            n = c.execute(update(jobs).where(self._mine(job_id, attempt))
+                          .values(started_at=t, pid=pid, updated_at=t)).rowcount
+            if n:
+                self._event(c, job_id, "started", f"pid {pid}")
+        return bool(n)
+
+    def set_pid(self, job_id: int, attempt: int, pid: int) -> bool:
+        with self._write() as c:
+            return bool(c.execute(update(jobs).where(self._mine(job_id, attempt)).values(pid=pid)).rowcount)
+
+    def heartbeat(self, job_id: int, attempt: int, lease_seconds: float) -> dict[str, Any] | None:
+        """Renew the lease; returns the row (to read cancel_requested), None if no longer ours."""
+        t = now()
+        with self._write() as c:
+            n = c.execute(update(jobs).where(self._mine(job_id, attempt))
+                          .values(heartbeat_at=t, lease_expires_at=t + lease_seconds)).rowcount
+            if not n:
+                return None
+            return dict(c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
+
+    def set_progress(self, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
+        with self._write() as c:
+            return bool(c.execute(update(jobs).where(self._mine(job_id, attempt))
+                                  .values(progress=progress)).rowcount)
+
+    def finish(self, job_id: int, attempt: int, status: str, *, exit_code: int | None = None,
+               error: str | None = None, result: Any = None) -> bool:
+        """running -> succeeded/failed/cancelled for this attempt only."""
+        assert status in FINAL
+        t = now()
+        with self._write() as c:
+            n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
+                status=status, exit_code=exit_code, error=error, result=result, finished_at=t,
+                updated_at=t, lease_expires_at=None)).rowcount
+            if n:
+                self._event(c, job_id, status, error or f"exit code {exit_code}")
+        return bool(n)
+
+    def release(self, job_id: int, attempt: int, reason: str) -> bool:
+        """running -> queued without counting the attempt (daemon shutdown, never started)."""
+        t = now()
+        with self._write() as c:
+            n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
+                status="queued", attempts=attempt - 1, lease_owner=None, lease_expires_at=None,
+                pid=None, started_at=None, updated_at=t)).rowcount
+            if n:
+                self._event(c, job_id, "requeued", reason)
+        return bool(n)
+
+    def sweep_expired(self) -> list[tuple[int, str]]:
+        """Running jobs whose lease expired: requeue (attempts < max) or fail; a job that was
+        asked to cancel becomes cancelled."""
+        t = now()
+        changed: list[tuple[int, str]] = []
+        with self._write() as c:
+            rows = c.execute(select(jobs).where(jobs.c.status == "running",
+                                                jobs.c.lease_expires_at < t)).mappings().all()
+            for r in rows:
+                why = f"lease of {r['lease_owner']} on {r['host']} expired (attempt {r['attempts']})"
+                if r["cancel_requested"]:
+                    values: dict[str, Any] = dict(status="cancelled", finished_at=t,
+                                                  error=r["cancel_reason"] or "cancelled")
+                elif r["attempts"] >= r["max_attempts"]:
+                    values = dict(status="failed", finished_at=t,
+                                  error=f"{why}; gave up after {r['attempts']} attempts")
+                else:
+                    values = dict(status="queued", lease_owner=None, pid=None, started_at=None)
+                n = c.execute(update(jobs).where(jobs.c.id == r["id"], jobs.c.status == "running",
+                                                 jobs.c.attempts == r["attempts"])
+                              .values(updated_at=t, lease_expires_at=None, **values)).rowcount
+                if n:
+                    self._event(c, r["id"], values["status"], why)
+                    changed.append((r["id"], values["status"]))
+        return changed
+
+    # --- people's transitions --------------------------------------------------------------
+
+    def cancel(self, job_id: int, reason: str = "cancelled by user") -> str:
+        """queued/blocked -> cancelled at once; running -> cancel_requested (its supervisor kills
+        the process group). Returns the status after the call."""
+        t = now()
+        with self._write() as c:
+            row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise StateError(f"job {job_id}: no such job")
+            status = row[0]
+            if status in ("queued", "blocked"):
+                c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == status).values(
+                    status="cancelled", error=reason, cancel_reason=reason, finished_at=t, updated_at=t))
+                self._event(c, job_id, "cancelled", reason)
+                return "cancelled"
+            if status == "running":
+                c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "running").values(
+                    cancel_requested=True, cancel_reason=reason, updated_at=t))
+                self._event(c, job_id, "cancel_requested", reason)
+                return "running"
+            raise StateError(f"job {job_id}: already {status}, nothing to cancel")
+
+    def retry(self, job_id: int) -> str:
+        """failed/cancelled -> queued (or blocked behind its dependency), attempts from zero."""
+        t = now()
+        with self._write() as c:
+            row = c.execute(select(jobs.c.status, jobs.c.after_id).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise StateError(f"job {job_id}: no such job")
+            if row[0] not in ("failed", "cancelled"):
+                raise StateError(f"job {job_id}: is {row[0]}; only failed or cancelled jobs can be retried")
+            new = "blocked" if row[1] is not None else "queued"
+            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == row[0]).values(
+                status=new, attempts=0, exit_code=None, error=None, result=None, progress=None,
+                started_at=None, finished_at=None, claimed_at=None, lease_owner=None, pid=None,
+                lease_expires_at=None, cancel_requested=False, cancel_reason=None, updated_at=t))
+            self._event(c, job_id, "retried", f"{row[0]} -> {new}")
+            return new
+
+    def hold(self, job_id: int, reason: str) -> bool:
+        """queued -> blocked with a reason (e.g. the issue got the `blocked` label)."""
+        with self._write() as c:
+            n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(("queued", "blocked")))
+                          .values(status="blocked", held=reason, updated_at=now())).rowcount
+            if n:
+                self._event(c, job_id, "held", reason)
+        return bool(n)
+
+    def unhold(self, job_id: int) -> bool:
+        with self._write() as c:
+            n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.held.is_not(None))
+                          .values(held=None, updated_at=now())).rowcount
+            if n:
+                self._event(c, job_id, "unheld", "hold released")
+        return bool(n)
+
+    # --- daemons ---------------------------------------------------------------------------
+
+    def register_daemon(self, daemon_id: str, host: str, pid: int, lanes: str, cpu_workers: int) -> None:
+        t = now()
+        with self._write() as c:
+            c.execute(insert(daemons).values(id=daemon_id, host=host, pid=pid, lanes=lanes,
+                                             cpu_workers=cpu_workers, started_at=t, heartbeat_at=t))
+
+    def daemon_heartbeat(self, daemon_id: str, paused: str | None) -> None:
+        with self._write() as c:
+            # stopped_at=None: a daemon that was only slow, and got reaped, is alive again
+            c.execute(update(daemons).where(daemons.c.id == daemon_id)
+                      .values(heartbeat_at=now(), paused=paused, stopped_at=None))
+
+    def daemon_stopped(self, daemon_id: str) -> None:
+        with self._write() as c:
+            c.execute(update(daemons).where(daemons.c.id == daemon_id).values(stopped_at=now()))
+
+    def daemons(self, alive_within: float | None = None) -> list[dict[str, Any]]:
+        q = select(daemons).order_by(daemons.c.started_at.desc())
+        if alive_within is not None:
+            q = q.where(daemons.c.stopped_at.is_(None), daemons.c.heartbeat_at >= now() - alive_within)
+        with self._read() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def reap_daemons(self, older_than: float) -> list[dict[str, Any]]:
+        """Daemons that stopped heartbeating without saying so: mark them stopped, return them."""
+        t = now()
+        with self._write() as c:
+            rows = c.execute(select(daemons).where(daemons.c.stopped_at.is_(None),
+                                                   daemons.c.heartbeat_at < t - older_than)).mappings().all()
+            for r in rows:
+                c.execute(update(daemons).where(daemons.c.id == r["id"]).values(stopped_at=t))
+            return [dict(r) for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._read() as c:
+            rows = c.execute(select(jobs.c.lane, jobs.c.status, func.count())
+                             .group_by(jobs.c.lane, jobs.c.status)).all()
+        out: dict[str, dict[str, int]] = {}
+        for lane, status, n in rows:
+            out.setdefault(lane, {})[status] = n
+        return out
+
+
+_TIMES = ("created_at", "updated_at", "claimed_at", "started_at", "finished_at", "heartbeat_at",
+          "lease_expires_at")
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    """A job row as people and agents see it: ISO times, `after` for after_id."""
+    out = {k: (iso(v) if k in _TIMES else v) for k, v in job.items() if k != "after_id"}
+    out["after"] = job.get("after_id")
+    out["cancel_requested"] = bool(job.get("cancel_requested"))
+    return out

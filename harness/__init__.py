@@ -1,0 +1,1 @@
+"""The ablation harness: generated tasks, seeds x arms training, statistics, verdicts."""

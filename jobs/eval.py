@@ -1,0 +1,73 @@
+"""eval: evaluate a training run's checkpoint on its dataset's held-out split, at the model's
+inference depth or at `n_steps`. The eval batches are the ones training used, so evaluating
+ckpt_best.pt at the default depth reproduces the run's best val_loss."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import config
+from config import ConfigError, _f, _Validated
+
+LANES = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Spec(_Validated):
+    run: str  # a run id under $LAB_RUNS, or a path to a run directory
+    n_steps: int = _f(0, 0, 1024, "depth at eval (loop passes or layers); 0 = the model's depth_eval")
+    batches: int = _f(0, 0, 100_000, "eval batches; 0 = the run's eval_batches")
+    checkpoint: Literal["best", "last"] = "best"
+
+    def _check_relations(self) -> None:
+        if not self.run.strip():
+            raise ConfigError("eval.run: give a run id or a run directory")
+
+
+def run_dir_of(run: str) -> Path:
+    """A run id under $LAB_RUNS, or a directory path."""
+    path = Path(run)
+    if path.is_dir():
+        return path
+    under_runs = Path(config.paths().runs) / run
+    if under_runs.is_dir():
+        return under_runs
+    raise FileNotFoundError(f"run: no run {run!r} (looked for {path} and {under_runs})")
+
+
+def checkpoint_of(spec: Spec) -> Path:
+    ckpt = run_dir_of(spec.run) / f"ckpt_{spec.checkpoint}.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"run: {ckpt} does not exist (not a training run, or not checkpointed yet)")
+    return ckpt
+
+
+def run(spec: Spec, ctx: Any) -> dict[str, Any]:
+    import torch
+
+    from models.data import TokenData, dataset_dir
+    from models.train import evaluate, load_model
+
+    ckpt_path = checkpoint_of(spec)
+    device = torch.device(ctx.device)
+    model, cfg, ckpt = load_model(ckpt_path, device)
+    data_dir = Path(ckpt["data"]["dir"])
+    if not data_dir.is_dir():  # the run moved hosts or tiers: find the dataset by name
+        data_dir = dataset_dir(ckpt["data"]["name"], config.paths().runs)
+    data = TokenData(data_dir, cfg.model.vocab_size, cfg.train.val_fraction)
+    data.check_fits(cfg.model.block_size)
+    depth = spec.n_steps or cfg.model.depth_eval
+    metrics = evaluate(model, data, cfg, device, batches=spec.batches or None, n_steps=depth)
+    result = {
+        "run": str(ckpt_path.parent), "checkpoint": str(ckpt_path), "step": ckpt["step"],
+        "arch": cfg.model.arch, "n_steps": depth, "batches": spec.batches or cfg.train.eval_batches,
+        "eval_split": data.eval_split, "data": ckpt["data"]["name"], **metrics,
+    }
+    (Path(ctx.run_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    ctx.log("---")
+    for key in ("val_loss", "val_bpb", "n_steps", "step"):
+        ctx.log(f"{key}: {result[key]}")
+    return result

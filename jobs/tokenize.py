@@ -1,0 +1,44 @@
+"""tokenize: text files -> uint16 token shards under $LAB_RUNS/data/<name>/ with a meta.json
+(token and byte counts, sha256 per shard), for `train` jobs to read by memmap."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import config
+from config import DATASET_NAME_RE, ConfigError, _Validated
+
+LANES = ("cpu",)
+
+
+@dataclass(frozen=True)
+class Spec(_Validated):
+    src: tuple[str, ...]  # text files; each is one document
+    name: str  # the dataset name under $LAB_RUNS/data
+
+    def _check_relations(self) -> None:
+        if not self.src:
+            raise ConfigError("tokenize.src: give at least one text file")
+        for path in self.src:
+            if not Path(path).is_file():
+                raise ConfigError(f"tokenize.src: {path} does not exist or is not a file")
+        if not re.match(DATASET_NAME_RE, self.name):
+            raise ConfigError(f"tokenize.name: {self.name!r} is not a dataset name (letters, digits, '_.-')")
+        target = Path(config.paths().runs) / "data" / self.name
+        if target.exists():
+            raise ConfigError(f"tokenize.name: dataset {self.name!r} already exists at {target}")
+
+
+def run(spec: Spec, ctx: Any) -> dict[str, Any]:
+    from models.data import dataset_dir, tokenize_files
+
+    runs = config.paths().runs
+    meta = tokenize_files(list(spec.src), spec.name, runs)
+    result = {"name": meta["name"], "dir": str(dataset_dir(spec.name, runs)), "tokens": meta["tokens"],
+              "bytes": meta["bytes"], "documents": meta["documents"], "shards": len(meta["shards"])}
+    ctx.log(f"tokenized {meta['documents']} file(s): {meta['tokens']:,} tokens in {result['shards']} "
+            f"shard(s) at {result['dir']}")
+    return result

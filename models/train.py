@@ -1,0 +1,516 @@
+"""The training loop: AdamW, warmup + cosine, fp16 with a GradScaler on CUDA, crash-safe
+checkpoints and exact resume.
+
+    run_dir/
+        config.json      resolved config, data, git commit, package versions
+        metrics.jsonl    one JSON object per logged train step and per eval
+        ckpt_last.pt     everything needed to continue bit for bit (written atomically)
+        ckpt_best.pt     the lowest val_loss so far
+        summary.json     the final result (also returned by train())
+        log.txt          via ctx.log; ends with a greppable block of `key: value` lines
+
+The fp16 path is nanoGPT's: autocast the forward, scaler.scale(loss).backward(), unscale before
+clipping, scaler.step (skipped when gradients overflowed), scaler.update. On CPU the scaler is
+disabled and everything is fp32. There is no bfloat16 anywhere: the target card has none.
+
+The budget is max_steps or max_seconds, whichever ends first; max_seconds counts the time spent
+in training steps (not evals or checkpoints, as in autoresearch), summed over resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from config import Config, ConfigError, TrainConfig
+from models import build_model, count_params
+from models.data import TokenData
+
+LAST, BEST = "ckpt_last.pt", "ckpt_best.pt"
+# Eval always draws the same batches (this seed offset), so evals at different steps and a
+# later `lab eval` of the checkpoint are compared on identical data.
+_EVAL_SEED_OFFSET = 1_000_003
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the weights) became NaN or inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def lr_at(step: int, t: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine from lr to min_lr. Under a wall-clock budget the cosine follows
+    whichever budget is further along, so a time-limited run still ends at min_lr."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / (t.warmup_steps + 1)
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.max_seconds > 0:
+        progress = max(progress, elapsed_s / t.max_seconds)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return t.min_lr + coeff * (t.lr - t.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and the tied embedding) only, not norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda" and cfg.precision.cuda_dtype == "float16":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def uses_fp16(cfg: Config, device: torch.device) -> bool:
+    return device.type == "cuda" and cfg.precision.cuda_dtype == "float16"
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("tiktoken", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, rename over `path`, fsync the
+    directory: a crash at any moment leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Any]:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist")
+    # Checkpoints hold only tensors and plain Python values, so the safe loader suffices.
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Any, Config, dict]:
+    """A checkpoint -> (model in eval mode on device, its config, the checkpoint dict)."""
+    ckpt = load_checkpoint(path, device)
+    cfg = Config.from_dict(ckpt["config"])
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg, ckpt
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),  # plain values: safe to load
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn line (killed mid-write) sorts after everything."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TokenData, cfg: Config, device: torch.device,
+             batches: int | None = None, n_steps: int | None = None) -> dict[str, float]:
+    """Mean loss over a fixed set of eval batches -> {val_loss, val_bpb}. Leaves the global
+    RNGs untouched, so evaluating never changes what training does next."""
+    was_training = model.training
+    model.eval()
+    gen = np.random.default_rng(cfg.train.seed + _EVAL_SEED_OFFSET)
+    batches = batches or cfg.train.eval_batches
+    total = 0.0
+    for _ in range(batches):
+        x, y = data.get_batch(data.eval_split, cfg.train.batch_size, cfg.model.block_size, gen)
+        with autocast_for(cfg, device):
+            _, loss = model(_to(x, device), _to(y, device), n_steps=n_steps)
+        total += float(loss)
+    model.train(was_training)
+    val_loss = total / batches
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / data.bytes_per_token}
+
+
+def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def check_resume_config(saved: Config, cfg: Config) -> None:
+    """Resuming may change training settings (budget, intervals), never the model or precision."""
+    for section in ("model", "precision"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for key in a.__dataclass_fields__:
+            if getattr(a, key) != getattr(b, key):
+                raise ConfigError(f"{key}: cannot change on resume ({getattr(a, key)!r} in the checkpoint, "
+                                  f"{getattr(b, key)!r} asked; only train settings may change)")
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str],
+                 ctx: Any, checkpoints: bool):
+        self.cfg, self.ctx, self.checkpoints = cfg, ctx, checkpoints
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(data_dir)
+        self.device = torch.device(getattr(ctx, "device", "cpu") or "cpu")
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        if self.device.type == "cuda" and cfg.precision.gpu_memory_fraction > 0:
+            torch.cuda.set_per_process_memory_fraction(cfg.precision.gpu_memory_fraction, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        self.data = TokenData(self.data_dir, cfg.model.vocab_size, t.val_fraction)
+        self.data.check_fits(cfg.model.block_size)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.model.train()
+        self.params = count_params(self.model)
+        self.optimizer = make_optimizer(self.model, t)
+        self.fp16 = uses_fp16(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", init_scale=cfg.precision.grad_scaler_init,
+                                           growth_interval=cfg.precision.grad_scaler_growth_interval,
+                                           enabled=self.fp16)
+        self.data_rng = np.random.default_rng(t.seed)
+        self.step = 0
+        self.skipped = 0
+        self.train_s = 0.0  # time inside training steps: what max_seconds budgets
+        self.best_val: float | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.last_eval_step: int | None = None
+        self.saved_step: int | None = None  # step of the checkpoint on disk (ckpt_last.pt)
+        self.resumed_from: int | None = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped,
+            "train_s": self.train_s,
+            "best_val_loss": self.best_val,
+            "last_eval": self.last_eval,
+            "last_eval_step": self.last_eval_step,
+            "data_rng": self.data_rng.bit_generator.state,
+            "rng": _rng_state(self.device),
+            "config": self.cfg.to_dict(),
+            "data": {"name": self.data.meta["name"], "dir": str(self.data_dir.resolve())},
+            "params": self.params,
+            "saved_at": utc_now(),
+        }
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, self.device)
+        check_resume_config(Config.from_dict(ckpt["config"]), self.cfg)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.skipped = int(ckpt["skipped_steps"])
+        self.train_s = float(ckpt["train_s"])
+        self.best_val = ckpt["best_val_loss"]
+        self.last_eval = ckpt["last_eval"]
+        self.last_eval_step = ckpt["last_eval_step"]
+        self.saved_step = self.step
+        self.data_rng.bit_generator.state = ckpt["data_rng"]
+        _set_rng_state(ckpt["rng"], self.device)
+        self.resumed_from = self.step
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records a killed session wrote after its last checkpoint: they will be redone."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def save(self, name: str) -> None:
+        if not self.checkpoints:
+            return
+        if not params_finite(self.model):
+            raise TrainingDiverged(f"training diverged: the weights became NaN or inf by step {self.step}; "
+                                   f"{self._kept()}")
+        save_atomic(self.state(), self.run_dir / name)
+        if name == LAST:
+            self.saved_step = self.step
+
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept"
+
+    def metric(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": utc_now(), **record}) + "\n")
+
+    def write_config(self, resume: bool) -> None:
+        path = self.run_dir / "config.json"
+        info = json.loads(path.read_text()) if resume and path.exists() else {"created_at": utc_now()}
+        info.update({
+            "config": self.cfg.to_dict(),
+            "data": {"name": self.data.meta["name"], "dir": str(self.data_dir.resolve()),
+                     "tokens": self.data.n_tokens, "tokenizer": self.data.meta["tokenizer"]},
+            "params": self.params,
+            "device": str(self.device),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+        })
+        if resume:
+            info.setdefault("resumes", []).append({"at": utc_now(), "step": self.step})
+        write_json_atomic(path, info)
+
+    # -- one optimizer step ---------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        t = self.cfg.train
+        lr = lr_at(self.step, t, self.train_s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum):
+            x, y = self.data.get_batch("train", t.batch_size, self.cfg.model.block_size, self.data_rng)
+            with autocast_for(self.cfg, self.device):
+                _, loss = self.model(_to(x, self.device), _to(y, self.device))
+                loss = loss / t.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss_value = float(loss_sum)  # one host sync per optimizer step
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"training diverged: loss is {loss_value} at step {self.step + 1}; "
+                                   f"{self._kept()}")
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skipped by the scaler when gradients overflowed
+        self.scaler.update()
+        if self.fp16 and self.scaler.get_scale() < scale_before:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value, lr
+
+    def expected_steps(self) -> int:
+        """The step the run will end at: max_steps, or sooner under a wall-clock budget."""
+        t = self.cfg.train
+        if t.max_seconds <= 0 or self.train_s <= 0:
+            return t.max_steps
+        return min(t.max_steps, max(self.step, round(self.step * t.max_seconds / self.train_s)))
+
+    def eval_now(self) -> dict[str, float]:
+        t0 = time.monotonic()
+        result = evaluate(self.model, self.data, self.cfg, self.device)
+        if not math.isfinite(result["val_loss"]):
+            raise TrainingDiverged(f"training diverged: val_loss is {result['val_loss']} "
+                                   f"at step {self.step}; {self._kept()}")
+        self.last_eval, self.last_eval_step = result, self.step
+        self.metric({"event": "eval", "step": self.step, **result, "eval_s": time.monotonic() - t0})
+        self.ctx.log(f"step {self.step}: val_loss {result['val_loss']:.4f} val_bpb {result['val_bpb']:.4f}")
+        if self.best_val is None or result["val_loss"] < self.best_val:
+            self.best_val = result["val_loss"]
+            self.save(BEST)
+        return result
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, resume: bool, eval_first: bool) -> dict[str, Any]:
+        t = self.cfg.train
+        started = time.monotonic()
+        if resume:
+            self.restore(self.run_dir / LAST)
+            self.ctx.log(f"resumed from {self.run_dir / LAST} at step {self.step}")
+        else:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.write_config(resume)
+        self.ctx.log(f"training {self.cfg.model.arch} ({self.params:,} parameters) on {self.device}, "
+                     f"data {self.data.meta['name']} ({self.data.n_tokens:,} tokens), "
+                     f"{'fp16 + GradScaler' if self.fp16 else 'fp32'}")
+        if eval_first and self.step == 0:
+            self.eval_now()  # the untrained model on the same eval batches: a baseline
+        stop_reason = "max_steps"
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
+        while self.step < t.max_steps:
+            if t.max_seconds > 0 and self.train_s >= t.max_seconds:
+                stop_reason = "max_seconds"
+                break
+            t0 = time.monotonic()
+            loss, lr = self.train_step()
+            self.train_s += time.monotonic() - t0
+            if self.step % t.log_interval == 0 or self.step == 1:
+                self.metric({"event": "train", "step": self.step, "loss": loss, "lr": lr,
+                             "tokens": self.step * tokens_per_step, "train_s": self.train_s,
+                             "skipped_steps": self.skipped})
+                self.ctx.progress(self.step, self.expected_steps(), loss=loss, lr=lr)
+            if self.step % t.eval_interval == 0 and self.step < t.max_steps:
+                self.eval_now()
+            if self.step % t.ckpt_interval == 0 and self.step < t.max_steps:
+                self.save(LAST)
+        if self.last_eval_step != self.step:
+            self.eval_now()
+        self.save(LAST)
+        summary = {
+            "status": "finished",
+            "stop_reason": stop_reason,
+            "val_loss": self.last_eval["val_loss"],  # type: ignore[index]
+            "val_bpb": self.last_eval["val_bpb"],  # type: ignore[index]
+            "best_val_loss": self.best_val,
+            "eval_split": self.data.eval_split,
+            "steps": self.step,
+            "tokens": self.step * tokens_per_step,
+            "skipped_steps": self.skipped,
+            "peak_mem_mb": round(peak_mem_mb(self.device), 1),
+            "wall_s": round(time.monotonic() - started, 3),
+            "train_s": round(self.train_s, 3),
+            "params": self.params,
+            "arch": self.cfg.model.arch,
+            "preset": self.cfg.name,
+            "device": str(self.device),
+            "precision": "float16" if self.fp16 else "float32",
+            "data": self.data.meta["name"],
+            "resumed_from_step": self.resumed_from,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.run_dir / BEST) if self.checkpoints else None,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.ctx.log("---")
+        for key in ("val_loss", "val_bpb", "steps", "tokens", "skipped_steps", "peak_mem_mb", "wall_s",
+                    "params", "stop_reason"):
+            value = summary[key]
+            self.ctx.log(f"{key}: {value:.6f}" if key in ("val_loss", "val_bpb") else f"{key}: {value}")
+        return summary
+
+
+def train(cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], ctx: Any,
+          resume: bool = False, checkpoints: bool = True, eval_first: bool = False) -> dict[str, Any]:
+    """Train `cfg` on the dataset in data_dir, writing into run_dir; return the summary.
+    resume=True continues from run_dir/ckpt_last.pt exactly where it was saved (the same losses
+    as a run never interrupted). eval_first also evaluates the untrained model (step 0).
+    Raises TrainingDiverged on a NaN/inf loss, after logging it."""
+    trainer = _Trainer(cfg, data_dir, run_dir, ctx, checkpoints)
+    if resume and not (trainer.run_dir / LAST).exists():
+        raise FileNotFoundError(f"resume: no checkpoint {trainer.run_dir / LAST} to resume from")
+    try:
+        return trainer.run(resume, eval_first)
+    except TrainingDiverged as e:
+        trainer.metric({"event": "diverged", "step": trainer.step, "error": str(e)})
+        write_json_atomic(trainer.run_dir / "summary.json",
+                          {"status": "diverged", "error": str(e), "steps": trainer.step,
+                           "skipped_steps": trainer.skipped, "run_dir": str(trainer.run_dir)})
+        ctx.log(str(e))
+        ctx.log("---")
+        ctx.log("status: diverged")
+        ctx.log(f"steps: {trainer.step}")
+        raise
+
+
+def with_budget(cfg: Config, **train_overrides: Any) -> Config:
+    """cfg with some train settings replaced (validated)."""
+    return replace(cfg, train=replace(cfg.train, **train_overrides))

@@ -1,0 +1,30 @@
+"""Shared fixtures, kept small and generic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def tmp_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private LAB_RUNS (and LAB_DB, LAB_ARCHIVE) under tmp_path for one test."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setenv("LAB_RUNS", str(runs))
+    monkeypatch.setenv("LAB_DB", str(tmp_path / "queue.db"))
+    monkeypatch.setenv("LAB_ARCHIVE", str(tmp_path / "archive"))
+    return runs
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """CPU-heavy tests use one torch thread: the 2 cores are shared by the whole suite."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

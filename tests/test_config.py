@@ -1,0 +1,151 @@
+"""config.py: presets, validation with one-line errors naming the field, the fp16 policy, and
+that importing it never imports torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+import config
+from config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_preset_builds_for_both_archs():
+    for name in config.PRESETS:
+        for arch in config.ARCHS:
+            cfg = config.preset(name, arch)
+            assert cfg.name == name and cfg.model.arch == arch
+
+
+def test_overrides_by_bare_and_dotted_key():
+    cfg = config.preset("tiny", "refiner", d_model=32, **{"train.lr": 1e-3})
+    assert cfg.model.d_model == 32 and cfg.train.lr == 1e-3
+    assert config.preset("tiny", "refiner", lr=1).train.lr == 1.0  # int widened to float
+
+
+def test_round_trip_through_dict():
+    cfg = config.preset("ablation", "reasoner", d_model=64, n_heads=2)
+    assert config.Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_configs_are_frozen():
+    cfg = config.preset("tiny", "refiner")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.d_model = 8  # type: ignore[misc]
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_preset_names_the_allowed_ones():
+    message = one_line_error(config.preset, "huge", "refiner")
+    assert "preset" in message and "'huge'" in message
+    for name in config.PRESETS:
+        assert name in message
+
+
+def test_unknown_key_names_the_key():
+    assert "d_modle" in one_line_error(config.preset, "tiny", "refiner", d_modle=32)
+    assert "train.d_model" in one_line_error(config.preset, "tiny", "refiner", **{"train.d_model": 32})
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("d_model", "big", "ModelConfig.d_model"),
+    ("d_model", 64.0, "ModelConfig.d_model"),
+    ("n_heads", True, "ModelConfig.n_heads"),  # a bool is not an int here
+    ("lr", "fast", "TrainConfig.lr"),
+    ("activation_checkpointing", 1, "ModelConfig.activation_checkpointing"),
+])
+def test_wrong_type_names_the_field(key, value, field):
+    message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
+    assert field in message and "expected" in message
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("d_model", 0, "ModelConfig.d_model"),
+    ("vocab_size", 1, "ModelConfig.vocab_size"),
+    ("beta2", 1.5, "TrainConfig.beta2"),
+    ("val_fraction", 0.9, "TrainConfig.val_fraction"),
+])
+def test_out_of_range_names_the_field_and_range(key, value, field):
+    message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
+    assert field in message and "out of range" in message and "allowed" in message
+
+
+def test_relations_between_fields():
+    assert "n_heads" in one_line_error(config.preset, "tiny", "refiner", d_model=64, n_heads=3)
+    assert "depth_min" in one_line_error(config.preset, "tiny", "refiner", depth_min=5, depth_max=3)
+    # the reasoner cannot apply more layers than it owns; the refiner can loop any number of times
+    assert "n_layers" in one_line_error(config.preset, "tiny", "reasoner", n_layers=2, depth_max=3)
+    assert config.preset("tiny", "refiner", n_layers=1, depth_max=8).model.depth_max == 8
+
+
+def test_bad_arch_names_the_allowed_ones():
+    message = one_line_error(config.preset, "tiny", "transformer")
+    assert "'transformer'" in message and "refiner" in message and "reasoner" in message
+    assert "ModelConfig.arch" in one_line_error(config.ModelConfig, arch="rnn")
+
+
+def test_model_arch_default_and_environment_override(monkeypatch):
+    monkeypatch.delenv("LAB_MODEL_ARCH", raising=False)
+    assert config.preset("tiny").model.arch == config.MODEL_ARCH
+    other = next(a for a in config.ARCHS if a != config.MODEL_ARCH)
+    monkeypatch.setenv("LAB_MODEL_ARCH", other)
+    assert config.preset("tiny").model.arch == other
+    assert config.preset("tiny", config.MODEL_ARCH).model.arch == config.MODEL_ARCH  # explicit wins
+    monkeypatch.setenv("LAB_MODEL_ARCH", "lstm")
+    assert "LAB_MODEL_ARCH" in one_line_error(config.preset, "tiny")
+
+
+def test_parse_assignments():
+    assert config.parse_assignments(["d_model=128", "lr=1e-3", "depth_dist=poisson",
+                                      "activation_checkpointing=true"]) == {
+        "d_model": 128, "lr": 1e-3, "depth_dist": "poisson", "activation_checkpointing": True}
+    assert "--set" in one_line_error(config.parse_assignments, ["d_model"])
+    assert "--set" in one_line_error(config.parse_assignments, ["=3"])
+
+
+def test_from_mapping_validates_untrusted_keys():
+    @dataclasses.dataclass(frozen=True)
+    class Spec(config._Validated):
+        steps: int = config._f(10, 1, 100)
+        name: str = "x"
+
+    assert config.from_mapping(Spec, {"steps": 5}, "spec").steps == 5
+    assert "spec.stepz" in one_line_error(config.from_mapping, Spec, {"stepz": 5}, "spec")
+    assert "Spec.steps" in one_line_error(config.from_mapping, Spec, {"steps": 0}, "spec")
+
+
+def _literal_choices(cls: type) -> list[object]:
+    hints = typing.get_type_hints(cls)
+    return [a for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is typing.Literal
+            for a in typing.get_args(hints[f.name])]
+
+
+def test_no_bfloat16_anywhere():
+    # Turing has no bfloat16: no choice of any config section may offer it
+    for cls in (config.ModelConfig, config.TrainConfig, config.PrecisionConfig):
+        assert not any("bf16" in str(c) or "bfloat16" in str(c) for c in _literal_choices(cls))
+    assert "cuda_dtype" in one_line_error(config.PrecisionConfig, cuda_dtype="bfloat16")
+    policy = config.PrecisionConfig()
+    assert policy.cuda_dtype == "float16" and policy.cpu_dtype == "float32"
+    assert policy.norm_fp32 is True and policy.loss_fp32 is True
+
+
+def test_import_config_does_not_import_torch():
+    code = "import sys, config; config.preset('rtx2060', 'reasoner'); assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,166 @@
+"""Findings, model cards and the runs listing, written from real run files.
+
+The training run is made here by the real trainer (5 steps, tiny preset). The ablation record
+tests/data/ablation_khop_2x2.json was written by the real harness (harness.ablate.run_ablation:
+khop, 2 arms x 2 seeds x 10 steps); running even the smallest ablation costs ~20 s of process
+start-up, so the file is reused rather than regenerated in every test run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import config
+from cli import main
+from daemon import archive, records
+from jobs.context import LocalContext
+
+ABLATION = Path(__file__).parent / "data" / "ablation_khop_2x2.json"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from models.data import ensure_sample_data
+    from models.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trained")
+    cfg = config.preset("tiny", arch="refiner", max_steps=5, eval_interval=5, eval_batches=1)
+    train(cfg, ensure_sample_data(root), root / "run", LocalContext(root / "run", echo=lambda s: None))
+    return root / "run"
+
+
+@pytest.fixture
+def lab(tmp_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("LAB_DOCS", str(tmp_path / "docs"))
+    return CliRunner()
+
+
+def ablation_run(runs: Path, name: str) -> dict:
+    (runs / name).mkdir()
+    shutil.copy(ABLATION, runs / name / "ablation.json")
+    return json.loads(ABLATION.read_text())
+
+
+def invoke(cli: CliRunner, *args: str) -> tuple[int, str]:
+    r = cli.invoke(main, list(args))
+    return r.exit_code, r.output
+
+
+def test_finding_from_a_finished_ablation(lab: CliRunner, tmp_runs: Path) -> None:
+    raw = ablation_run(tmp_runs, "21")
+    title = "Two refiner passes do not beat one flat layer"
+    code, out = invoke(lab, "finding", "21", "--title", title, "--json")
+    assert code == 0, out
+    info = json.loads(out)
+    path = Path(info["path"])
+    assert path.parent == Path(config.docs_dir()) / "findings"
+    assert path.name == f"{records.today()}-two-refiner-passes-do-not-beat-one-flat-layer.md"
+    text = path.read_text()
+    fm = records.parse_front_matter(text)
+    summary = raw["summary"]
+    assert fm["job"] == "21" and fm["verdict"] == summary["verdict"]
+    assert fm["git_commit"] == raw["git_commit"] and raw["git_commit"] in text
+    # The evidence: every arm's interval and the paired difference, as the harness computed them.
+    for arm in summary["arms"]:
+        assert f"[{arm['ci_low']:.3f}, {arm['ci_high']:.3f}]" in text
+        if arm["diff"]:
+            d = arm["diff"]
+            assert f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" in text
+    assert f"split `{summary['primary']}`" in text
+    assert "| model.n_layers |" in text  # the resolved config difference between the arms
+    # The reproduce block is a spec the harness itself accepts, equal to the one that ran.
+    toml_block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    from harness.ablate import parse_spec
+
+    assert json.loads(json.dumps(parse_spec(tomllib.loads(toml_block)).to_dict())) == raw["spec"]
+    sets = [s.split("=", 1) for s in text.split("lab submit ablation --lane cpu ", 1)[1].split("\n")[0]
+            .replace("--set '", "").split("' ") if s]
+    values = {k: config.parse_value(v.rstrip("'")) for k, v in sets}
+    assert values == {k: v for k, v in raw["spec"].items() if v not in (None, "")}
+    import jobs
+    from jobs.ablation import resolve
+
+    queued = resolve(jobs.parse_spec("ablation", values))  # what `lab submit ablation` validates
+    assert json.loads(json.dumps(queued.to_dict())) == raw["spec"]
+
+
+def test_finding_is_refused_twice_without_verdict_or_run(lab: CliRunner, tmp_runs: Path) -> None:
+    raw = ablation_run(tmp_runs, "21")
+    assert invoke(lab, "finding", "21", "--title", "first")[0] == 0
+    code, out = invoke(lab, "finding", "21", "--title", "second")
+    assert code == 1 and "already has a finding" in out
+    assert len(list((Path(config.docs_dir()) / "findings").glob("*.md"))) == 1
+
+    del raw["summary"]["verdict"]  # an ablation that never finished
+    (tmp_runs / "22").mkdir()
+    (tmp_runs / "22" / "ablation.json").write_text(json.dumps(raw))
+    code, out = invoke(lab, "finding", "22", "--title", "t")
+    assert code == 1 and "no verdict" in out
+    code, out = invoke(lab, "finding", "404", "--title", "t")
+    assert code == 2 and "no run directory" in out
+
+
+def test_model_card_from_a_real_training_run(lab: CliRunner, tmp_runs: Path, trained_run: Path) -> None:
+    shutil.copytree(trained_run, tmp_runs / "31")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    code, out = invoke(lab, "register", "31", "--name", "refiner-tiny-v1", "--json")
+    assert code == 0, out
+    card = json.loads(out)
+    assert card["params"] == summary["params"]
+    assert card["sha256"] == archive.sha256_file(trained_run / "ckpt_best.pt")
+    assert card["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    assert (card["arch"], card["tier"]) == ("refiner", "hot")
+    text = Path(card["path"]).read_text()
+    assert '"d_model": 64' in text and "dataset `sample`" in text
+
+    listed = json.loads(invoke(lab, "registry", "--json")[1])
+    assert [c["name"] for c in listed] == ["refiner-tiny-v1"]
+    keys = ("sha256", "params", "job")
+    assert {k: listed[0][k] for k in keys} == {k: card[k] for k in keys}
+    archive.archive_run("31")
+    assert json.loads(invoke(lab, "registry", "--json")[1])[0]["tier"] == "cold"
+
+    code, out = invoke(lab, "register", "31", "--name", "refiner-tiny-v1")
+    assert code == 1 and "already exists" in out
+    code, out = invoke(lab, "register", "31", "--name", "../escape")
+    assert code == 2 and "--name" in out
+
+
+def test_model_card_needs_a_training_run(lab: CliRunner, tmp_runs: Path) -> None:
+    ablation_run(tmp_runs, "21")
+    code, out = invoke(lab, "register", "21", "--name", "nope")
+    assert code == 1 and "no config.json" in out
+    assert not (Path(config.docs_dir()) / "registry" / "nope.md").exists()
+
+
+def test_runs_listing(lab: CliRunner, tmp_runs: Path, trained_run: Path) -> None:
+    from daemon import queue
+
+    raw = ablation_run(tmp_runs, "21")
+    shutil.copytree(trained_run, tmp_runs / "train-20261125-120000-abcdef")
+    shutil.copytree(trained_run.parent / "data", tmp_runs / "data")
+    job = queue.submit("sleep", {"seconds": 1}, lane="cpu")  # a queued job with an empty run dir
+    (tmp_runs / str(job["id"])).mkdir()
+
+    rows = {r["run"]: r for r in json.loads(invoke(lab, "runs", "--json")[1])}
+    assert set(rows) == {"21", "train-20261125-120000-abcdef", str(job["id"])}  # runs/data is no run
+    best_arm = max(raw["summary"]["arms"], key=lambda a: a["mean"])
+    assert rows["21"]["kind"] == "ablation" and rows["21"]["best"]["value"] == best_arm["mean"]
+    train = rows["train-20261125-120000-abcdef"]
+    lines = (trained_run / "metrics.jsonl").read_text().splitlines()
+    vals = [json.loads(line).get("val_loss") for line in lines]
+    assert (train["kind"], train["status"], train["tier"]) == ("train", "succeeded", "hot")
+    assert train["best"]["value"] == min(v for v in vals if v is not None)
+    assert train["bytes"] == sum(p.stat().st_size for p in trained_run.iterdir())
+    assert (rows[str(job["id"])]["kind"], rows[str(job["id"])]["status"]) == ("sleep", "queued")
+    code, text = invoke(lab, "runs")
+    assert code == 0 and "ablation" in text and "val_loss=" in text

@@ -1,0 +1,190 @@
+"""`python -m workers.run JOB_ID ATTEMPT`: the process of one job attempt.
+
+(`python -m workers.run --standby` is the same process started ahead of time; it reads
+"JOB_ID ATTEMPT LOG_PATH" from stdin, so the GPU lane does not wait for python's start-up and
+imports between two jobs.)
+
+Started by the daemon (workers.supervise) as the leader of its own process group, with stdout and
+stderr going to `runs/<job_id>/log.txt`. In order it:
+1. starts a lease keeper thread (heartbeats into the store, so a job that outlives its daemon
+   keeps its lease and finishes; if the daemon is gone it also enforces cancel and timeout);
+2. on the GPU lane takes the GPU file lock (blocking: an older job may still hold the card);
+3. marks the job started, runs `jobs.get_kind(kind).run(spec, ctx)`, and records the result
+   (succeeded) or the exception (failed, exit 1) for its own attempt only.
+A death by signal or an exit without a result is recorded by the supervisor, or, when nobody
+supervises, by the lease sweep. This module imports no torch; a kind imports it inside `run`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import config
+import jobs
+from daemon.store import Store, iso
+from workers import gpu_lock
+
+
+class WorkerContext:
+    """The JobContext of a queued job: progress and ETA go into the store, log lines to stdout
+    (the run's log.txt)."""
+
+    def __init__(self, store: Store, job_id: int, attempt: int, run_dir: Path, lane: str):
+        self.store, self.job_id, self.attempt = store, job_id, attempt
+        self.run_dir, self.lane = run_dir, lane
+        self.started = time.monotonic()
+        self._last_write = 0.0
+        self._device: str | None = None
+
+    @property
+    def device(self) -> str:
+        # Decided on first use so kinds that never touch torch (sleep) start in milliseconds.
+        if self._device is None:
+            self._device = "cpu"
+            if self.lane == "gpu":
+                import torch
+
+                self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def progress(self, step: int, total: int, **metrics: float) -> None:
+        t = time.monotonic()
+        # At most two writes a second: a fast training loop must not hammer the database.
+        if step < total and t - self._last_write < 0.5:
+            return
+        self._last_write = t
+        elapsed = t - self.started
+        eta = elapsed / step * (total - step) if step > 0 else None
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in metrics.items()}
+        self.store.set_progress(self.job_id, self.attempt, {
+            "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
+            "metrics": clean, "at": iso(time.time())})
+
+    def log(self, message: str) -> None:
+        print(message.rstrip("\n"), flush=True)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease every heartbeat; when the daemon that started us is gone (we were
+    re-parented), it alone enforces cancel and the timeout."""
+
+    def __init__(self, store: Store, job: dict[str, Any], q: config.QueueConfig):
+        super().__init__(name="lease-keeper", daemon=True)
+        self.store, self.job, self.q = store, job, q
+        self.parent = os.getppid()
+        self.started_at: float | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        job_id, attempt = self.job["id"], self.job["attempts"]
+        while not self.done.wait(self.q.heartbeat_seconds):
+            try:
+                row = self.store.heartbeat(job_id, attempt, self.q.lease_seconds)
+            except Exception as e:  # the database may be briefly unavailable; try again
+                print(f"lab: heartbeat failed: {e}", flush=True)
+                continue
+            if self.done.is_set():
+                return
+            if row is None:
+                # Finished or requeued by someone else: this attempt must not go on running.
+                print(f"lab: job {job_id} attempt {attempt} is no longer ours; stopping", flush=True)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            if os.getppid() == self.parent:
+                continue  # the daemon supervises: it does cancel and timeout itself
+            over = self.started_at is not None and time.time() - self.started_at > row["timeout_s"]
+            if row["cancel_requested"] or over:
+                status = "cancelled" if row["cancel_requested"] else "failed"
+                why = (f"cancelled: {row['cancel_reason']}" if row["cancel_requested"]
+                       else f"timed out after {row['timeout_s']:g} s (no daemon; stopped by itself)")
+                self.store.finish(job_id, attempt, status, exit_code=-signal.SIGKILL, error=why)
+                print(f"lab: {why}", flush=True)
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+                time.sleep(self.q.kill_grace_seconds)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def standby(store: Store) -> tuple[int, int] | None:
+    """`--standby`: started ahead of time with python and the imports ready; wait for
+    "JOB_ID ATTEMPT LOG_PATH" on stdin, then send stdout and stderr to that log."""
+    with store.engine.connect():
+        pass  # connect now, not when the job is waiting
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None  # the daemon closed the pipe: not needed after all
+    job_id, attempt, log_path = line.rstrip("\n").split(" ", 2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return int(job_id), int(attempt)
+
+
+def main(argv: list[str]) -> int:
+    q = config.queue_config()
+    store = Store(config.paths().db, create=False)
+    if argv and argv[0] == "--standby":
+        got = standby(store)
+        if got is None:
+            return 0
+        job_id, attempt = got
+    else:
+        job_id, attempt = int(argv[0]), int(argv[1])
+    job = store.get(job_id)
+    if job is None or job["status"] != "running" or job["attempts"] != attempt:
+        print(f"lab: job {job_id} attempt {attempt} is not ours to run (status "
+              f"{job and job['status']}); exiting", flush=True)
+        return 0
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keeper = LeaseKeeper(store, job, q)
+    keeper.start()
+    if job["lane"] == "gpu":
+        def waiting() -> None:
+            print("lab: waiting for the GPU lock (another job process still holds the card)", flush=True)
+            store.add_event(job_id, "waiting", "another process holds the GPU lock")
+        gpu_lock.acquire(config.paths().runs, on_wait=waiting)  # held until this process exits
+    if not store.mark_started(job_id, attempt, os.getpid()):
+        print(f"lab: job {job_id} attempt {attempt} was taken away before it started", flush=True)
+        return 0
+    keeper.started_at = time.time()
+    print(f"lab: job {job_id} ({job['kind']}, lane {job['lane']}) attempt {attempt} started, "
+          f"pid {os.getpid()}", flush=True)
+    ctx = WorkerContext(store, job_id, attempt, run_dir, job["lane"])
+    try:
+        kind = jobs.get_kind(job["kind"])
+        spec = jobs.parse_spec(job["kind"], job["spec"])
+        result = kind.run(spec, ctx)
+        result = json.loads(json.dumps(result, default=str))  # JSON-able, or fail here, loudly
+    except Exception as e:
+        traceback.print_exc()
+        sys.stdout.flush()
+        keeper.done.set()
+        store.finish(job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}")
+        return 1
+    keeper.done.set()
+    store.finish(job_id, attempt, "succeeded", exit_code=0, result=result)
+    print(f"lab: job {job_id} succeeded", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    # The outcome is in the store and the kind has closed its files: run the atexit handlers and
+    # leave without the interpreter's teardown (~0.1 s, all of it dead time on the GPU lane).
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
