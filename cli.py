@@ -281,7 +281,10 @@ def ablate_cmd(spec_file: str | None, control: str | None, sets: tuple[str, ...]
     values: dict[str, Any] = {"spec_file": spec_file or "", "control": control or ""}
     values.update(config.parse_assignments(sets))
     spec = resolve(jobs.parse_spec("ablation", values))  # every error before anything trains
-    summary = run_ablation(spec, LocalContext(new_run_dir()))
+    try:
+        summary = run_ablation(spec, LocalContext(new_run_dir()))
+    except FloatingPointError as e:  # a diverged arm: the ablation failed, not the input
+        raise Failed(str(e)) from None
     emit(summary, as_json, _ablation_text)
     if control and summary["verdict"] != CONTROL_EXPECTED[control]:
         raise Failed(f"control {control}: expected {CONTROL_EXPECTED[control]}, got {summary['verdict']}")
@@ -292,8 +295,12 @@ def ablate_cmd(spec_file: str | None, control: str | None, sets: tuple[str, ...]
 
 def _job_text(j: dict[str, Any]) -> str:
     lines = [f"job {j['id']}: {j['kind']} on lane {j['lane']}: {j['status']}"]
-    for key in ("spec", "priority", "after", "issue", "host", "run_dir", "created_at", "started_at",
-                "finished_at", "attempts", "exit_code", "error", "earned_by", "force_reason",
+    if j.get("run_files"):
+        rf = j["run_files"]
+        where = "" if rf["here"] else " (not this host)"
+        lines.append(f"  run files: on host {rf['host']} at {rf['path']}{where}")
+    for key in ("spec", "priority", "after", "issue", "want_host", "host", "run_dir", "created_at",
+                "started_at", "finished_at", "attempts", "exit_code", "error", "earned_by", "force_reason",
                 "progress", "result"):
         if j.get(key) not in (None, {}, ""):
             value = json.dumps(j[key], default=str) if isinstance(j[key], dict) else j[key]
@@ -316,6 +323,11 @@ def _status_text(s: dict[str, Any]) -> str:
     d = s["daemon"]
     alive = f"alive on {d['host']} (pid {d['pid']})" if d["alive"] else "not running"
     lines = [f"daemon: {alive}" + (f", {d['count']} daemons" if d["count"] > 1 else "")]
+    for h in s.get("hosts") or []:
+        running = ", ".join(f"{j['id']} {j['kind']} ({j['lane']})" for j in h["running"])
+        lines.append(f"host {h['host']}: {'alive' if h['alive'] else 'not alive'}, "
+                     f"lanes {','.join(h['lanes']) or '-'}, last heartbeat {h['heartbeat'] or 'never'}, "
+                     f"running [{running or '-'}]")
     for lane, info in s["lanes"].items():
         running = ", ".join(f"{j['id']} {j['kind']}{_progress_text(j['progress'])}" for j in info["running"])
         lines.append(f"{lane}: running [{running or '-'}], {info['queued']} queued, {info['blocked']} blocked"
@@ -340,7 +352,8 @@ def _int_or_none(value: str | None, flag: str) -> int | None:
 @main.command("daemon")
 @click.option("--cpu-workers", type=click.IntRange(1, 256), default=None,
               help="CPU jobs in parallel (default: config QUEUE.cpu_workers).")
-@click.option("--lanes", default="gpu,cpu", show_default=True, help="Lanes this host offers.")
+@click.option("--lanes", default="gpu,cpu", show_default=True, envvar="LAB_LANES",
+              help="Lanes this host offers (env LAB_LANES; a CPU-only box: cpu).")
 @json_option
 def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
     """Run the queue daemon in the foreground until SIGTERM/SIGINT.
@@ -348,6 +361,10 @@ def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
     It runs GPU jobs one at a time and CPU jobs in parallel, each in its own process with a log
     in runs/<job_id>/log.txt. On SIGTERM it takes no new work, lets running jobs finish within
     QUEUE.shutdown_seconds or requeues them, and exits.
+
+    Several hosts share one queue when LAB_DB is a Postgres URL (and LAB_BROKER a redis:// URL);
+    each names itself with LAB_HOST and keeps its run files under its own LAB_RUNS
+    (docs/MULTIHOST.md).
 
     Example: LAB_DB=queue.db LAB_RUNS=runs lab daemon --cpu-workers 2
     """
@@ -389,7 +406,8 @@ def submit_cmd(kind: str, lane: str | None, sets: tuple[str, ...], after: str | 
                        priority=priority, timeout_s=timeout_s, issue=issue,
                        earned_by=_int_or_none(earned_by, "--earned-by"), force=force, reason=reason,
                        host=host)
-    emit(job, as_json, lambda j: f"queued job {j['id']}: {j['kind']} on lane {j['lane']} ({j['status']})")
+    emit(job, as_json, lambda j: f"queued job {j['id']}: {j['kind']} on lane {j['lane']} ({j['status']})"
+         + (f"\nwarning: {j['warning']}" if j.get("warning") else ""))
 
 
 @main.command("status")

@@ -404,6 +404,13 @@ class QueueConfig(_Validated):
     github_lease_seconds: float = _f(300.0, 5.0, 86_400.0, "the bridge role lease (one poster at a time)")
     github_per_page: int = _f(100, 1, 100)
 
+    def _check_relations(self) -> None:
+        # A job stops itself after 3/4 of the lease without a renewal (workers/run.py): a lease
+        # shorter than a few heartbeats would kill every job (and let healthy ones be requeued).
+        if self.heartbeat_seconds * 3 > self.lease_seconds:
+            raise ConfigError(f"QueueConfig.heartbeat_seconds: {self.heartbeat_seconds:g} must be at most "
+                              f"a third of lease_seconds ({self.lease_seconds:g})")
+
 
 QUEUE = QueueConfig()
 

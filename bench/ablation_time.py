@@ -30,8 +30,7 @@ def main() -> int:
     minutes = (time.monotonic() - started) / 60
     for a in summary["arms"]:
         depths = " ".join(f"d{d}={v[summary['primary']]['mean']:.3f}" for d, v in a["by_depth"].items())
-        interval = f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
-        print(f"{a['name']}: {a['mean']:.3f} {interval} {a['verdict']}; {depths}")
+        print(f"{a['name']}: {a['mean']:.3f} [{a['ci_low']}, {a['ci_high']}] {a['verdict']}; {depths}")
     cpu = sum(sum(a["cpu_s"]) for a in summary["arms"])
     print(f"verdict: {summary['verdict']}; training CPU time {cpu / 60:.1f} min")
     print(f"ablation_minutes: {minutes:.2f} (target <= 10 on 2 cores; CPU-bound floor {cpu / 120:.2f})")

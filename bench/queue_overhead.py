@@ -82,6 +82,7 @@ def through_bare_huey(env: dict[str, str], n: int) -> list[float]:
     store = Store(env["LAB_DB"])
     ids = submit_all(store, n)
     huey = make_huey("bare-bench", env["LAB_DB"], runs, env.get("LAB_BROKER"))
+    huey.storage.flush_queue()  # a shared broker may hold an interrupted run's messages
 
     @huey.task()
     def execute(job_id: int) -> None:
@@ -119,12 +120,13 @@ def main() -> None:
         else:
             env.pop("LAB_BROKER", None)
         (tmp / "runs").mkdir()
-        if args.db:  # a shared database: start from an empty job table
-            from daemon.store import jobs as jobs_table
+        if args.db:  # never on a live queue: the bench's daemon would run its jobs (and it on them)
+            from daemon.store import ACTIVE
 
-            s = Store(args.db)
-            with s.engine.begin() as c:
-                c.execute(jobs_table.delete())
+            busy = Store(args.db).list_jobs(ACTIVE, limit=1)
+            if busy:
+                raise SystemExit(f"--db: the queue has active jobs (job {busy[0]['id']} is "
+                                 f"{busy[0]['status']}); use an empty database")
         gaps = fn(env, args.jobs)
         results[name] = statistics.median(gaps)
         print(f"{name}: {len(gaps)} gaps, median {results[name]:.3f} s, min {min(gaps):.3f}, "

@@ -264,10 +264,19 @@ class Api:
         items, _ = self.get_all(f"{self.repo_path}/issues/{issue}/comments")
         return items or []
 
+    def whoami(self) -> str:
+        """The token's login: only its own comments count as the bridge's."""
+        if self.bot_login is None:
+            _, _, data = self.get("/user")
+            self.bot_login = str(data["login"])
+        return self.bot_login
+
     def find_comment(self, issue: int, marker: str) -> dict[str, Any] | None:
-        """The bridge's comment on `issue` that carries `marker`, if one landed."""
+        """The bridge's own comment on `issue` that carries `marker`, if one landed (anyone can
+        paste a marker into a comment; the bridge must neither trust nor edit theirs)."""
+        me = self.whoami()
         for c in self.comments(issue):
-            if marker in (c.get("body") or ""):
+            if marker in (c.get("body") or "") and (c.get("user") or {}).get("login") == me:
                 return c
         return None
 

@@ -76,12 +76,20 @@ def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after:
     if timeout_s is not None and not 0 < timeout_s <= 30 * 86_400:
         raise ConfigError(f"--timeout: {timeout_s!r} is out of range (allowed: (0, 2592000] seconds)")
     check_gate(store, kind, lane, spec, earned_by, force, reason)
+    if host is not None:
+        host = host.strip()
+        if not host or len(host) > 128:
+            raise ConfigError(f"--host: {host!r} is not a host name (LAB_HOST of a daemon, 1-128 characters)")
     job_id = store.submit(
         kind, lane, spec, priority=priority, after=after,
         timeout_s=timeout_s or q.default_timeout_seconds, max_attempts=q.max_attempts, issue=issue,
         earned_by=earned_by, force_reason=reason.strip() if force and reason else None,
         want_host=host, source=source, held=held)
-    return show(job_id, store)
+    out = show(job_id, store)
+    if host is not None and host not in {d["host"] for d in store.daemons()}:
+        # Not an error: the host's daemon may start later. But a typo would wait forever.
+        out["warning"] = f"no daemon has run on host {host!r} yet; the job waits until one does"
+    return out
 
 
 def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[str, Any]:
@@ -90,6 +98,9 @@ def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[
     if job is None:
         raise ConfigError(f"job {job_id}: no such job")
     out = public(job)
+    # Run files stay on the host that ran the job; say where, so `lab show` anywhere can point there.
+    out["run_files"] = None if not job["run_dir"] else {
+        "host": job["host"], "path": job["run_dir"], "here": job["host"] == config.paths().host}
     if events:
         out["events"] = [{"at": iso(e["at"]), "kind": e["kind"], "message": e["message"]}
                          for e in store.events(job_id)]
@@ -123,13 +134,48 @@ def status(store: Store | None = None) -> dict[str, Any]:
             "blocked": sum(j["status"] == "blocked" for j in mine),
             "paused": paused if lane == "gpu" else None,
         }
-    hosts = [{"id": d["id"], "host": d["host"], "pid": d["pid"], "lanes": d["lanes"].split(","),
-              "heartbeat": iso(d["heartbeat_at"]), "paused": d["paused"]} for d in alive]
+    daemons = [{"id": d["id"], "host": d["host"], "pid": d["pid"], "lanes": d["lanes"].split(","),
+                "heartbeat": iso(d["heartbeat_at"]), "paused": d["paused"]} for d in alive]
     newest = alive[0] if alive else None
     daemon = {"alive": bool(alive), "host": newest and newest["host"], "pid": newest and newest["pid"],
               "heartbeat": newest and iso(newest["heartbeat_at"]), "count": len(alive)}
     return {"lanes": lanes, "jobs": [summary(j) for j in active + recent], "daemon": daemon,
-            "daemons": hosts, "disk": disk}
+            "daemons": daemons, "hosts": host_view(store, active, alive), "disk": disk}
+
+
+HOSTS_SEEN_SECONDS = 7 * 86_400.0  # a host whose last daemon heartbeat is older drops off `lab status`
+
+
+def host_view(store: Store, active: list[dict[str, Any]],
+              alive: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per host seen lately (or running something): alive or not, the lanes its live
+    daemons offer (else those its last daemon offered), its last heartbeat, what it runs. A dead
+    host's jobs stay `running` here until their leases expire and the sweep requeues them."""
+    alive_ids = {d["id"] for d in alive}
+    by_host: dict[str, dict[str, Any]] = {}
+    for d in store.daemons(since=HOSTS_SEEN_SECONDS):  # newest first
+        h = by_host.setdefault(d["host"], {"host": d["host"], "alive": False, "lanes": [],
+                                           "heartbeat_at": 0.0, "daemons": 0,
+                                           "last_lanes": d["lanes"].split(",")})
+        h["heartbeat_at"] = max(h["heartbeat_at"], d["heartbeat_at"])
+        if d["id"] in alive_ids:
+            h["alive"] = True
+            h["daemons"] += 1
+            h["lanes"] += [x for x in d["lanes"].split(",") if x not in h["lanes"]]
+    for j in active:
+        if j["status"] == "running" and j["host"] and j["host"] not in by_host:
+            by_host[j["host"]] = {"host": j["host"], "alive": False, "lanes": [], "heartbeat_at": None,
+                                  "daemons": 0, "last_lanes": []}
+    out = []
+    for name in sorted(by_host):
+        h = by_host[name]
+        running = [{"id": j["id"], "kind": j["kind"], "lane": j["lane"],
+                    "lease_expires_at": iso(j["lease_expires_at"])}
+                   for j in active if j["status"] == "running" and j["host"] == name]
+        out.append({"host": name, "alive": h["alive"], "lanes": h["lanes"] if h["alive"] else h["last_lanes"],
+                    "heartbeat": iso(h["heartbeat_at"]) if h["heartbeat_at"] else None,
+                    "daemons": h["daemons"], "running": running})
+    return out
 
 
 def wait(job_id: int, timeout_s: float | None = None, store: Store | None = None,

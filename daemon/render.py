@@ -122,7 +122,7 @@ def mermaid_curve(points: list[tuple[float, float]], title: str, y_label: str, x
         picked = [points[int(i * stride)] for i in range(CURVE_POINTS - 1)] + [points[-1]]
     else:
         picked = points
-    xs = ", ".join(number(x) for x, _ in picked)
+    xs = ", ".join(str(int(x)) if float(x).is_integer() else f"{x:.4g}" for x, _ in picked)  # no 10,000
     ys = ", ".join(f"{y:.4g}" for _, y in picked)
     return ("```mermaid\nxychart-beta\n"
             f'    title "{title}"\n    x-axis "{x_label}" [{xs}]\n'

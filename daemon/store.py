@@ -509,10 +509,14 @@ class Store:
         with self._write() as c:
             c.execute(update(daemons).where(daemons.c.id == daemon_id).values(stopped_at=now()))
 
-    def daemons(self, alive_within: float | None = None) -> list[dict[str, Any]]:
+    def daemons(self, alive_within: float | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        """Daemon rows, newest first: all, those alive (not stopped, heartbeat within
+        `alive_within` seconds), or those that heartbeat within `since` seconds, dead or alive."""
         q = select(daemons).order_by(daemons.c.started_at.desc())
         if alive_within is not None:
             q = q.where(daemons.c.stopped_at.is_(None), daemons.c.heartbeat_at >= now() - alive_within)
+        if since is not None:
+            q = q.where(daemons.c.heartbeat_at >= now() - since)
         with self._read() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 

@@ -264,7 +264,9 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
                                      seed=seed, arm_step=step, loss=float(loss))
                 for fut in finished:
                     w = pending.pop(fut)
-                    r = fut.result()  # a child's exception (NaN loss, say) ends the ablation
+                    if fut.exception() is not None:  # a NaN loss, say: the ablation has failed
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    r = fut.result()
                     done_steps[(w.arm_index, w.seed)] = totals[(w.arm_index, w.seed)] = r.steps
                     results.append(r)
                     accs = " ".join(f"{k}={v:.3f}" for k, v in r.accuracy.items())
@@ -379,6 +381,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     summary["run_dir"] = str(run_dir)
     minutes = (time.monotonic() - t0) / 60
     summary["minutes"] = minutes
+    summary = _finite(summary)  # strict JSON: an undefined interval (one seed) is null
 
     record = {
         "spec": spec.to_dict(), "task": {"name": task.name, "vocab": task.vocab, "splits": list(task.splits),
@@ -394,13 +397,13 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"), "host": config.paths().host,
     }
-    _write_json(run_dir / "ablation.json", record)
+    _write_json(run_dir / "ablation.json", _finite(record))
     (run_dir / "report.md").write_text(render_report(spec, task, summary), encoding="utf-8")
     from harness.plot import plot_accuracy
 
     plot_accuracy(record, run_dir / "accuracy.png")
     for arm in summary["arms"]:
-        ctx.log(f"{arm['name']}: {arm['mean']:.3f} [{_pct(arm['ci_low'])}, {_pct(arm['ci_high'])}] "
+        ctx.log(f"{arm['name']}: {_pct(arm['mean'])} [{_pct(arm['ci_low'])}, {_pct(arm['ci_high'])}] "
                 f"{arm['verdict']}")
     ctx.log(f"minutes: {minutes:.2f}")
     ctx.log(f"verdict: {summary['verdict']}")
@@ -414,13 +417,26 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
     return str(x)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _finite(x: Any) -> Any:
+    """A copy of x with every nan or inf float replaced by None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _pct(x: float | None, sign: str = "") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{sign}.3f}"
+
+
+def _interval(d: dict[str, Any], sign: str = "") -> str:
+    return f"{_pct(d['mean'], sign)} [{_pct(d['ci_low'], sign)}, {_pct(d['ci_high'], sign)}]"
 
 
 def render_report(spec: AblationSpec, task: Task, summary: dict[str, Any]) -> str:
@@ -434,9 +450,9 @@ def render_report(spec: AblationSpec, task: Task, summary: dict[str, Any]) -> st
              "|---|---:|---:|---:|---|---|---|"]
     for a in summary["arms"]:
         d = a["diff"]
-        vs = "—" if d is None else f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        vs = "—" if d is None else _interval(d, "+")
         lines.append(f"| {a['name']} | {a['params']:,} | {a['flops_per_token']:.3g} | {a['test_depth']} | "
-                     f"{a['mean']:.3f} [{_pct(a['ci_low'])}, {_pct(a['ci_high'])}] | {vs} | {a['verdict']} |")
+                     f"{_interval(a)} | {vs} | {a['verdict']} |")
     lines += ["", "Accuracy by split (mean over seeds, at each arm's test depth):", "",
               "| arm | " + " | ".join(task.splits) + " |", "|---|" + "---:|" * len(task.splits)]
     for a in summary["arms"]:

@@ -3,6 +3,9 @@ statistics (harness/ablate.py). The spec is the toml spec of `lab ablate --spec`
 steps or seconds, preset, baseline, primary, arms), or `spec_file` naming such a file, or
 `control` = negative | positive. Writes ablation.json, report.md and accuracy.png.
 
+Keys left at their defaults here ("", 0, -1, []) mean: from the spec file, or the harness's
+default (harness/ablate.py AblationSpec).
+
 Example: lab submit ablation --lane cpu --set spec_file=harness/specs/khop_default.toml
 """
 

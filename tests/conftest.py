@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def no_real_github(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's own token must never reach a test: no test may poll a real repository.
+    Tests that want the bridge set these to the stand-in server themselves."""
+    for name in ("GITHUB_TOKEN", "GITHUB_REPOSITORY", "GITHUB_API_URL", "LAB_ALLOWED_USERS"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def tmp_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private LAB_RUNS (and LAB_DB, LAB_ARCHIVE) under tmp_path for one test."""

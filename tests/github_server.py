@@ -1,11 +1,12 @@
 """A stand-in GitHub REST API for tests: a real HTTP server on 127.0.0.1 in a thread.
 
 It speaks the part of the API the bridge uses, with GitHub's JSON shapes and status codes:
-the repository, issues (pull requests included, with their `pull_request` key), issue comments,
-labels (repository and issue), issue events (`labeled` with its actor), collaborator permission
-and `/rate_limit`. Lists paginate with `per_page`/`page` and `Link` headers; GETs carry an ETag
-and answer `If-None-Match` with 304 (which, as on GitHub, costs no rate limit); every response
-carries the `X-RateLimit-*` headers and an exhausted budget answers 403 "API rate limit exceeded".
+the authenticated user (`/user`), the repository, issues (pull requests included, with their
+`pull_request` key), issue comments, labels (repository and issue), issue events (`labeled` with
+its actor), collaborator permission and `/rate_limit`. Lists paginate with `per_page`/`page`
+and `Link` headers; GETs carry an ETag and answer `If-None-Match` with 304 (which, as on GitHub,
+costs no rate limit); every response carries the `X-RateLimit-*` headers and an exhausted budget
+answers 403 "API rate limit exceeded".
 
 Faults on demand: with probability `fault_rate` a request fails as one of `fault_kinds`:
   error              5xx before anything is applied
@@ -444,6 +445,8 @@ class FakeGitHub:
         q = {k: v[-1] for k, v in query.items()}
         data = json.loads(body) if body else None
         with self.lock:
+            if path == "/user" and method == "GET":  # the token's own account
+                return 200, self._user_json(self.bot), {}
             if path == "/rate_limit" and method == "GET":
                 core = {"limit": self.rate_limit, "remaining": self.rate_remaining,
                         "reset": int(self.rate_reset) + 1, "used": self.rate_limit - self.rate_remaining,

@@ -432,9 +432,13 @@ def test_kill_9_mid_post_then_restart_leaves_exactly_one_result(world: World, po
         wait_for(lambda: world.reported([job_id]), 30, "the restarted daemon to finish the post")
         stop_daemon(again)
     else:
+        # someone pastes the marker meanwhile: it must neither stop nor receive the real post
+        gh.comment(n, f"copied {render.result_marker(job_id)}", user="mallory")
         out = world.lab("github", "sync", "--once", "--json")
         assert out.returncode == 0 and json.loads(out.stdout)["errors"] == [], out.stderr
-    results = world.comments(n, render.result_marker(job_id))
+        assert [c["body"] for c in gh.comments_on(n) if c["user"]["login"] == "mallory"] == [
+            f"copied {render.result_marker(job_id)}"]
+    results = [c for c in world.comments(n, render.result_marker(job_id)) if c["user"]["login"] == gh.bot]
     assert len(results) == 1 and len(world.comments(n, render.status_marker(job_id))) == 1
     row = world.outbox.rows(kind="result")[0]
     assert row["status"] == "done" and row["comment_id"] == results[0]["id"] and row["posts"] >= 1
@@ -542,7 +546,7 @@ def test_result_comment_fits_github_limit_with_curve_log_tail_and_ablation_repor
     run.mkdir()
     (run / "log.txt").write_text("".join(f"line {i} ``` " + "x" * 300 + "\n" for i in range(5000)))
     (run / "report.md").write_text("| arm | acc |\n|---|---|\n" + "| a | 0.5 |\n" * 20_000)
-    points = [{"event": "train", "step": s, "loss": 5.0 / (s + 1)} for s in range(0, 1000, 5)]
+    points = [{"event": "train", "step": s, "loss": 5.0 / (s + 1)} for s in range(0, 20_000, 50)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     arms = [{"name": f"arm{i}", "params": 12345, "flops_per_token": 1e6, "mean": 0.5, "ci_low": 0.4,
              "ci_high": 0.6, "verdict": "better"} for i in range(3)]
@@ -556,6 +560,8 @@ def test_result_comment_fits_github_limit_with_curve_log_tail_and_ablation_repor
     assert "````" in body  # the log's own ``` cannot close the fence
     assert "```mermaid\nxychart-beta" in body and 'x-axis "step"' in body
     curve = body.split("```mermaid")[1].split("```")[0]
+    xs = re.search(r"x-axis \"step\" \[(.*)\]", curve).group(1).split(", ")
+    assert len(xs) == render.CURVE_POINTS and xs[-1] == "19950"  # plain numbers, no thousands commas
     assert len(re.search(r"line \[(.*)\]", curve).group(1).split(",")) == render.CURVE_POINTS
     assert "| val_loss | 1.25 |" in body and f"`{run}`" in body and "host `box`" in body
     huge = render.fit("y" * 100_000, where="runs/7")

@@ -73,6 +73,7 @@ def test_comments_labels_events_and_permissions(gh: FakeGitHub) -> None:
     gh.add_user("stranger", None)
     n = gh.open_issue("x", "b", labels=("cpu",), user="stranger")
     gh.label(n, "gpu", actor="bob")
+    assert client(gh).get_user().login == "lab-bot"  # the token's account writes the comments
     repo = client(gh).get_repo(gh.repo)
     issue = repo.get_issue(n)
     c = issue.create_comment("hello <!-- lab:status 1 -->")

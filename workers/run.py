@@ -35,6 +35,30 @@ from daemon.store import Store, iso
 from workers import gpu_lock
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
+
+
+def record_outcome(store: Store, q: config.QueueConfig, job_id: int, attempt: int, status: str,
+                   **values: Any) -> None:
+    """store.finish, retried while the database is unreachable. Retrying longer than the lease
+    is pointless: the lease expires (nobody renews it now) and the job is requeued, which
+    fences this attempt's write out anyway."""
+    deadline = time.monotonic() + q.lease_seconds
+    delay = 0.1
+    while True:
+        try:
+            store.finish(job_id, attempt, status, **values)
+            return
+        except Exception as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            print(f"lab: recording the outcome failed ({type(e).__name__}: {_first_line(e)}); retrying",
+                  flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 class WorkerContext:
     """The JobContext of a queued job: progress and ETA go into the store, log lines to stdout
     (the run's log.txt)."""
@@ -67,9 +91,12 @@ class WorkerContext:
         eta = elapsed / step * (total - step) if step > 0 else None
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in metrics.items()}
-        self.store.set_progress(self.job_id, self.attempt, {
-            "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
-            "metrics": clean, "at": iso(time.time())})
+        try:
+            self.store.set_progress(self.job_id, self.attempt, {
+                "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
+                "metrics": clean, "at": iso(time.time())})
+        except Exception as e:  # a database blip must not kill a long run; the lease watchdog guards
+            print(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}", flush=True)
 
     def log(self, message: str) -> None:
         print(message.rstrip("\n"), flush=True)
@@ -85,15 +112,20 @@ class LeaseKeeper(threading.Thread):
         self.parent = os.getppid()
         self.started_at: float | None = None
         self.done = threading.Event()
+        # The last renewal: the claim (or the daemon's latest heartbeat) until this process renews.
+        since = max(0.0, time.time() - (job.get("heartbeat_at") or time.time()))
+        self.renewed = time.monotonic() - since
 
     def run(self) -> None:
         job_id, attempt = self.job["id"], self.job["attempts"]
+        threading.Thread(target=self.watchdog, name="lease-watchdog", daemon=True).start()
         while not self.done.wait(self.q.heartbeat_seconds):
             try:
                 row = self.store.heartbeat(job_id, attempt, self.q.lease_seconds)
             except Exception as e:  # the database may be briefly unavailable; try again
-                print(f"lab: heartbeat failed: {e}", flush=True)
+                print(f"lab: heartbeat failed: {type(e).__name__}: {_first_line(e)}", flush=True)
                 continue
+            self.renewed = time.monotonic()
             if self.done.is_set():
                 return
             if row is None:
@@ -111,6 +143,21 @@ class LeaseKeeper(threading.Thread):
                 print(f"lab: {why}", flush=True)
                 os.killpg(os.getpgrp(), signal.SIGTERM)
                 time.sleep(self.q.kill_grace_seconds)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def watchdog(self) -> None:
+        """Self-fencing: past `fence_after` without a renewal, the lease may be about to expire and
+        the job be given to another host (a partition from the database, a frozen host, a
+        heartbeat stuck in a dead TCP connection); stop first, so two attempts never run at once.
+        A separate thread, because a heartbeat can hang. The margin (a quarter of the lease)
+        also covers clock skew between hosts."""
+        fence_after = 0.75 * self.q.lease_seconds
+        while not self.done.wait(min(self.q.heartbeat_seconds, fence_after / 4)):
+            silent = time.monotonic() - self.renewed
+            if silent > fence_after and not self.done.is_set():
+                print(f"lab: job {self.job['id']} attempt {self.job['attempts']}: no lease renewal for "
+                      f"{silent:.1f} s (database unreachable or host frozen); stopping so it cannot "
+                      "run twice at once", flush=True)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -172,10 +219,10 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         keeper.done.set()
-        store.finish(job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}")
+        record_outcome(store, q, job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}")
         return 1
     keeper.done.set()
-    store.finish(job_id, attempt, "succeeded", exit_code=0, result=result)
+    record_outcome(store, q, job_id, attempt, "succeeded", exit_code=0, result=result)
     print(f"lab: job {job_id} succeeded", flush=True)
     return 0
 

@@ -169,6 +169,7 @@ def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str
     store.set_pid(job_id, attempt, proc.pid)
     ended_by: tuple[str, str] | None = None  # (status, reason) when we stopped it
     next_beat = next_check = time.monotonic()
+    db_down = False
     while True:
         try:
             proc.wait(timeout=0.05)
@@ -176,13 +177,21 @@ def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str
         except subprocess.TimeoutExpired:
             pass
         t = time.monotonic()
-        if t >= next_beat:
-            next_beat = t + q.heartbeat_seconds
-            store.heartbeat(job_id, attempt, q.lease_seconds)
-        if t < next_check:
+        try:
+            if t >= next_beat:
+                next_beat = t + q.heartbeat_seconds
+                store.heartbeat(job_id, attempt, q.lease_seconds)
+            if t < next_check:
+                continue
+            next_check = t + min(0.5, q.heartbeat_seconds)
+            row = store.get(job_id)
+        except Exception as e:  # a database blip: keep watching (the job's own watchdog fences it)
+            if not db_down:
+                with open(run_dir / "log.txt", "a") as f:
+                    f.write(f"lab: supervisor cannot reach the database ({type(e).__name__}); watching on\n")
+            db_down = True
             continue
-        next_check = t + min(0.5, q.heartbeat_seconds)
-        row = store.get(job_id)
+        db_down = False
         if row is None or row["status"] != "running" or row["attempts"] != attempt:
             if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
                 continue  # the job recorded its end and is exiting: wait for it
