@@ -462,7 +462,8 @@ class Bridge:
         start_requests = self.api.requests
         self.summary = {"repository": self.s.repository, "issues_read": 0, "submitted": [], "cancelled": [],
                         "answered": 0, "sent": 0, "failed": 0, "errors": []}
-        if not self.outbox.acquire_lease(LEASE_ROLE, self.owner, q.github_lease_seconds):
+        if not self.outbox.acquire_lease(LEASE_ROLE, self.owner, q.github_lease_seconds,
+                                          host=config.paths().host):
             held = self.outbox.lease(LEASE_ROLE) or {}
             self.summary["skipped"] = f"another bridge holds the lease ({held.get('owner')})"
             return self.summary

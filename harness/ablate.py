@@ -274,6 +274,8 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
                             f"({r.cpu_s:.0f} CPU s), {accs}")
     finally:
         progress_queue.close()
+    steps = sum(r.steps for r in results)
+    ctx.progress(steps, steps, arms=len(names), seeds=spec.seeds)  # the last report says done
     return results
 
 

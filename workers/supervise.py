@@ -83,6 +83,7 @@ def job_env(job: dict[str, Any], db: str, runs: Path, host: str) -> dict[str, st
 
 def lane_env(lane: str, db: str, runs: Path, host: str) -> dict[str, str]:
     env = dict(os.environ, LAB_DB=db, LAB_RUNS=str(runs), LAB_HOST=host, PYTHONUNBUFFERED="1")
+    env.pop("GITHUB_TOKEN", None)  # a job never talks to GitHub; the bridge does, in the daemon
     if lane == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job never touches the card
     return env
