@@ -701,10 +701,12 @@ class Bridge:
 
     def reflect_jobs(self) -> None:
         latest: dict[int, dict[str, Any]] = {}
+        gpu_paused = self._gpu_lane_paused()
         for job in self.outbox.jobs_to_report():
             n = int(job["issue"])
+            paused = gpu_paused if job["lane"] == "gpu" else None
             self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
-                                    self.s.scrub(render.status_comment(job)), job_id=job["id"])
+                                    self.s.scrub(render.status_comment(job, paused)), job_id=job["id"])
             if job["status"] in FINAL:
                 self.outbox.put_comment(f"result:{job['id']}", "result", n, render.result_marker(job["id"]),
                                         self.s.scrub(render.result_comment(job)), job_id=job["id"],
@@ -715,6 +717,12 @@ class Bridge:
             state = {"queued": "queued", "blocked": "queued"}.get(newest["status"], newest["status"])
             add = [state] if state in STATE_LABELS else []
             self.outbox.put_labels(f"labels:{n}", n, add=add, remove=[], job_id=newest["id"])
+
+    def _gpu_lane_paused(self) -> str | None:
+        """Why a live daemon's GPU lane takes no new job (the disk guard), if one says so."""
+        q = self.s.queue
+        alive = self.store.daemons(alive_within=max(3 * q.heartbeat_seconds, q.lease_seconds))
+        return next((d["paused"] for d in alive if d.get("paused")), None)
 
     # --- outbox -> GitHub ----------------------------------------------------------------------
 

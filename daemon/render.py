@@ -166,8 +166,9 @@ def _files_line(job: dict[str, Any]) -> str:
 # --- the comments ---------------------------------------------------------------------------
 
 
-def status_comment(job: dict[str, Any]) -> str:
-    """The one status comment of a job, edited in place as it moves."""
+def status_comment(job: dict[str, Any], lane_paused: str | None = None) -> str:
+    """The one status comment of a job, edited in place as it moves. `lane_paused`: why the
+    lane this queued job waits in takes no new job (the disk guard), said on the issue."""
     jid, status = job["id"], job["status"]
     lines = [status_marker(jid),
              f"### {EMOJI.get(status, '')} Job {jid} · `{job['kind']}` on lane `{job['lane']}` · "
@@ -178,6 +179,8 @@ def status_comment(job: dict[str, Any]) -> str:
         after = f"waits for job {job['after_id']} to succeed" if job.get("after_id") else ""
         why = job.get("held") or after
         rows.append(["waiting", why or "blocked"])
+    if lane_paused and status == "queued":
+        rows.append(["waiting", f"the {job['lane']} lane is paused: {lane_paused}"])
     if prog and prog.get("total"):
         step, total = prog.get("step", 0), prog["total"]
         rows.append(["progress", f"{number(step)} / {number(total)} ({100 * step / total:.0f} %) "

@@ -578,3 +578,21 @@ def test_status_comment_shows_progress_eta_and_latest_metric() -> None:
     blocked = render.status_comment(_job(status="blocked", held="issue #3 has the `blocked` label",
                                          finished_at=None, attempts=0))
     assert "blocked" in blocked and "issue #3 has the `blocked` label" in blocked
+
+
+def test_disk_guard_is_said_on_the_issue_of_the_waiting_gpu_job(world: World) -> None:
+    """A GPU job held back by the disk guard says why on its issue, and runs once space is back."""
+    gh = world.gh
+    n = gh.open_issue("gpu waits", spec_body('kind = "sleep"\nseconds = 0.1'), ("gpu",), user="alice")
+    world.sync()
+    job_id = world.jobs(n)[0]["id"]
+    full = world.daemon(LAB_QUEUE_DISK_MIN_FREE_GB="100000")  # no disk here has 100 TB free
+    world.sync_until(lambda: "disk guard" in world.comments(n, render.status_marker(job_id))[0]["body"],
+                     20, "the disk guard on the issue")
+    assert world.store.get(job_id)["status"] == "queued"
+    stop_daemon(full)
+    world.daemons.remove(full)
+    world.daemon()
+    world.sync_until(lambda: world.reported([job_id]), 30, "the job to run once space is back")
+    status = world.comments(n, render.status_marker(job_id))
+    assert len(status) == 1 and "disk guard" not in status[0]["body"]
