@@ -1,0 +1,84 @@
+"""The CLI surface, frozen (as torchtitan does): a command or option changes only on purpose,
+together with this list and the README. Every command teaches (--help with an Example:), speaks
+JSON for agents, and appears in the README."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import cli
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+# command -> its arguments, then its long options, sorted
+SURFACE = {
+    "ablate": ['--control', '--json', '--set', '--spec'],
+    "archive": ['runs', '--json', '--older-than'],
+    "cancel": ['job_id', '--json', '--reason'],
+    "daemon": ['--cpu-workers', '--json', '--lanes'],
+    "eval": ['run', '--batches', '--checkpoint', '--device', '--json', '--n-steps'],
+    "finding": ['job', '--json', '--title'],
+    "github sync": ['--json', '--once'],
+    "kinds": ['--json'],
+    "labels sync": ['--json'],
+    "logs": ['job_id', '--follow', '--json'],
+    "mcp": [],
+    "register": ['job', '--json', '--name'],
+    "registry": ['--json'],
+    "restore": ['run', '--json'],
+    "retry": ['job_id', '--json'],
+    "runs": ['--json'],
+    "service print": ['--cpu-workers', '--env-file', '--json', '--user', '--workdir'],
+    "show": ['job_id', '--json'],
+    "smoke": ['--arch', '--device', '--json', '--preset', '--set', '--steps'],
+    "status": ['--json'],
+    "submit": ['kind', '--after', '--earned-by', '--force', '--host', '--issue', '--json', '--lane',
+               '--priority', '--reason', '--set', '--timeout'],
+    "tokenize": ['src', '--json', '--name'],
+    "train": ['--arch', '--data', '--device', '--json', '--preset', '--resume', '--set'],
+    "wait": ['job_id', '--json', '--timeout'],
+}
+
+# `lab mcp` speaks JSON-RPC on stdio: a --json flag would mean nothing there.
+NO_JSON = {"mcp"}
+
+
+def commands(group: click.Group = cli.main,
+             path: tuple[str, ...] = ()) -> Iterator[tuple[str, click.Command]]:
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def surface(cmd: click.Command) -> list[str]:
+    args = [p.name for p in cmd.params if isinstance(p, click.Argument)]
+    opts = sorted(o for p in cmd.params for o in getattr(p, "opts", []) if o.startswith("--"))
+    return [str(a) for a in args] + opts
+
+
+def test_the_surface_is_what_was_agreed() -> None:
+    assert {name: surface(cmd) for name, cmd in commands()} == SURFACE
+
+
+@pytest.mark.parametrize("name", sorted(SURFACE))
+def test_every_command_teaches_speaks_json_and_is_documented(name: str) -> None:
+    result = CliRunner().invoke(cli.main, [*name.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output, f"`lab {name} --help` shows no example"
+    if name not in NO_JSON:
+        assert "--json" in result.output
+    assert f"lab {name}" in README, f"`lab {name}` is missing from the README"
+
+
+def test_bad_usage_exits_2() -> None:
+    result = CliRunner().invoke(cli.main, ["show"])  # the job id is missing
+    assert result.exit_code == 2
+    result = CliRunner().invoke(cli.main, ["no-such-command"])
+    assert result.exit_code == 2
