@@ -24,6 +24,8 @@ ARCHS = ("refiner", "reasoner")
 
 TOKENIZER_NAME = "r50k_base"
 TOKENIZER_VOCAB = 50257
+# `smoke` passes only when the eval loss on fixed batches falls by at least this fraction.
+SMOKE_MIN_DROP = 0.01
 TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 # Token datasets (models/data.py) live in $LAB_RUNS/data/<name>/ as uint16 shards of at most
@@ -395,6 +397,11 @@ class QueueConfig(_Validated):
     github_seconds_between_requests: float = _f(0.05, 0.0, 10.0)
     github_seconds_between_writes: float = _f(1.0, 0.0, 60.0)
     outbox_max_attempts: int = _f(20, 1, 1000)
+    # Job processes started ahead of time per lane (python and imports already loaded), so the
+    # GPU lane does not wait for a start-up between two jobs; more there, since short GPU jobs
+    # come faster than one process warms up.
+    standby_gpu: int = _f(3, 0, 16)
+    standby_cpu: int = _f(1, 0, 16)
     # The GitHub bridge (daemon/github.py); each can be overridden by LAB_GITHUB_<NAME> (upper case).
     github_timeout_seconds: int = _f(15, 1, 300, "per request; a POST that times out is ambiguous")
     github_backoff_seconds: float = _f(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")

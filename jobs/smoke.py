@@ -1,6 +1,6 @@
 """smoke: does the model build and learn at all? Trains a few dozen steps on the shipped
 sample text and checks that nothing is NaN and that the loss falls: the eval loss on fixed
-batches must drop by at least MIN_DROP (relative) from the untrained model's. Comparing the same
+batches must drop by at least SMOKE_MIN_DROP (relative) from the untrained model's. Comparing the same
 batches makes the check deterministic; a noisy train loss could "fall" by chance. A few seconds
 on CPU. The job fails (raises SmokeFailed) when the check does not hold; `check` returns why.
 """
@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import config
-from config import SAMPLE_DATASET, _f, _Validated
+from config import SAMPLE_DATASET, SMOKE_MIN_DROP, _f, _Validated
 
 LANES = ("gpu", "cpu")
-MIN_DROP = 0.01
 
 
 class SmokeFailed(RuntimeError):
@@ -83,9 +82,9 @@ def check(spec: Spec, ctx: Any) -> dict[str, Any]:
     )
     if not finite:
         result["reason"] = "a loss is NaN or inf"
-    elif not val_end < val_start * (1 - MIN_DROP):
+    elif not val_end < val_start * (1 - SMOKE_MIN_DROP):
         result["reason"] = (f"the loss did not fall: eval loss {val_start:.4f} untrained, {val_end:.4f} "
-                            f"after {spec.steps} steps (need a {MIN_DROP:.0%} drop)")
+                            f"after {spec.steps} steps (need a {SMOKE_MIN_DROP:.0%} drop)")
     else:
         result.update(ok=True, reason=f"eval loss fell from {val_start:.4f} to {val_end:.4f}")
     return result

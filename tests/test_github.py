@@ -429,7 +429,7 @@ def test_kill_9_mid_post_then_restart_leaves_exactly_one_result(world: World, po
     if poster == "daemon":
         world.daemons.remove(proc)
         again = world.daemon(with_github=True, LAB_GITHUB_POLL="1")
-        wait_for(lambda: world.reported([job_id]), 30, "the restarted daemon to finish the post")
+        wait_for(lambda: world.reported([job_id]), 90, "the restarted daemon to finish the post")
         stop_daemon(again)
     else:
         # someone pastes the marker meanwhile: it must neither stop nor receive the real post

@@ -95,8 +95,6 @@ class ProcessPool:
     two jobs. A standby holds no lock and no job; it exits when its stdin closes (also when the
     daemon dies)."""
 
-    SIZE = {"gpu": 3, "cpu": 1}  # more on the GPU lane: short jobs come faster than one warms up
-
     def __init__(self, db: str, runs: Path, host: str):
         self.db, self.runs, self.host = db, runs, host
         self._ready: dict[str, list[subprocess.Popen]] = {}
@@ -110,11 +108,16 @@ class ProcessPool:
                 stderr=subprocess.STDOUT, env=lane_env(lane, self.db, self.runs, self.host),
                 start_new_session=True)
 
+    @staticmethod
+    def size(lane: str) -> int:
+        q = config.queue_config()
+        return q.standby_gpu if lane == "gpu" else q.standby_cpu
+
     def warm(self, lane: str) -> None:
         with self._lock:
             ready = self._ready.setdefault(lane, [])
             ready[:] = [p for p in ready if p.poll() is None]
-            while not self.closed and len(ready) < self.SIZE.get(lane, 1):
+            while not self.closed and len(ready) < self.size(lane):
                 ready.append(self._spawn(lane))
 
     def take(self, job: dict[str, Any], log_path: Path) -> subprocess.Popen:
