@@ -41,6 +41,7 @@ import tomllib
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import config
@@ -395,6 +396,7 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
     if earned_by is not None and not _positive_int(earned_by):
         raise SpecProblem("earned-by", f"{earned_by!r} is not a job id",
                           "write `earned-by = 17`, the id of the ablation job whose verdict was better")
+    _check_issue_paths(kind, values)
     try:
         lane = job_kinds.check_lane(kind, lanes[0])
         spec = job_kinds.parse_spec(kind, values)
@@ -408,6 +410,24 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
                         "earned_by": earned_by}, sort_keys=True, default=str)
     digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
     return IssueSpec(kind, lane, spec_dict, depends_on, earned_by, digest)
+
+
+# Spec keys that name files on the daemon's machine. From an issue they may only name files
+# inside the lab's checkout (a spec in harness/specs, a task directory, a text to tokenize):
+# a stranger-readable issue must not point a job at /etc or at another user's home.
+PATH_KEYS = ("src", "spec_file", "task_dir")
+
+
+def _check_issue_paths(kind: str, values: dict[str, Any]) -> None:
+    for key in PATH_KEYS:
+        given = values.get(key)
+        for path in given if isinstance(given, list) else [given]:
+            if not isinstance(path, str) or not path:
+                continue
+            if Path(path).is_absolute() or ".." in Path(path).parts:
+                raise SpecProblem(f"{kind}.{key}", f"{path!r} is outside the lab's checkout",
+                                  "from an issue, name a path relative to the repository root, "
+                                  "e.g. `harness/specs/khop_default.toml`")
 
 
 def _positive_int(v: Any) -> bool:

@@ -240,6 +240,10 @@ BAD_SPECS = [
     ("two lanes", spec_body('kind = "sleep"'), ("gpu", "cpu"), "`label`", "both lane labels"),
     ("bad depends-on", spec_body('kind = "sleep"\ndepends-on = "#3"'), ("cpu",), "`depends-on`",
      "not another"),
+    ("absolute path", spec_body('kind = "tokenize"\nname = "x"\nsrc = ["/etc/hostname"]'), ("cpu",),
+     "`tokenize.src`", "outside the lab"),
+    ("path upwards", spec_body('kind = "ablation"\nspec_file = "../../x.toml"'), ("cpu",),
+     "`ablation.spec_file`", "outside the lab"),
 ]
 
 
