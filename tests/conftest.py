@@ -36,3 +36,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real training run, made once: 5 steps of the tiny refiner (checkpoints, metrics.jsonl,
+    config.json, log.txt). Copy it before changing it."""
+    import torch
+
+    import config
+    from jobs.context import LocalContext
+    from models.data import ensure_sample_data
+    from models.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trained")
+    cfg = config.preset("tiny", arch="refiner", max_steps=5, eval_interval=5, eval_batches=1)
+    train(cfg, ensure_sample_data(root), root / "run", LocalContext(root / "run", echo=lambda s: None))
+    return root / "run"

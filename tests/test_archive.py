@@ -19,21 +19,6 @@ from daemon import archive, records
 from jobs.context import LocalContext
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real run: 5 steps of the tiny preset (checkpoints, metrics.jsonl, config.json, log.txt)."""
-    import torch
-
-    from models.data import ensure_sample_data
-    from models.train import train
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("trained")
-    cfg = config.preset("tiny", arch="reasoner", max_steps=5, eval_interval=5, eval_batches=1)
-    train(cfg, ensure_sample_data(root), root / "run", LocalContext(root / "run", echo=lambda s: None))
-    return root / "run"
-
-
 @pytest.fixture
 def run(tmp_runs: Path, trained_run: Path) -> str:
     shutil.copytree(trained_run, tmp_runs / "7")

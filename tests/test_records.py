@@ -19,23 +19,8 @@ from click.testing import CliRunner
 import config
 from cli import main
 from daemon import archive, records
-from jobs.context import LocalContext
 
 ABLATION = Path(__file__).parent / "data" / "ablation_khop_2x2.json"
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from models.data import ensure_sample_data
-    from models.train import train
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("trained")
-    cfg = config.preset("tiny", arch="refiner", max_steps=5, eval_interval=5, eval_batches=1)
-    train(cfg, ensure_sample_data(root), root / "run", LocalContext(root / "run", echo=lambda s: None))
-    return root / "run"
 
 
 @pytest.fixture
