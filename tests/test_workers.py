@@ -101,8 +101,9 @@ def test_cancel_kills_the_whole_process_group(queue) -> None:
     assert not any(pid_alive(p) for p in pids.values()), pids
 
 
-def test_cpu_job_sees_no_cuda_devices(queue) -> None:
+def test_cpu_job_sees_no_cuda_devices_and_no_github_token(queue, monkeypatch) -> None:
     store, env = queue
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret_daemon_token")  # the daemon's, for the bridge
     job = claim(store, env, seconds=3.0)
     t = threading.Thread(target=run, args=(store, env, job))
     t.start()
@@ -110,6 +111,7 @@ def test_cpu_job_sees_no_cuda_devices(queue) -> None:
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     t.join(20)
     assert b"CUDA_VISIBLE_DEVICES=" in environ
+    assert not any(v.startswith(b"GITHUB_TOKEN=") for v in environ), "a job must never see the token"
 
 
 def test_gpu_job_waits_for_the_lock_held_by_another_process(queue) -> None:
