@@ -246,8 +246,6 @@ class Store:
             row = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return dict(row) if row else None
 
-    get_job = get
-
     def list_jobs(self, statuses: Iterable[str] | None = None, lane: str | None = None,
                   kind: str | None = None, issue: int | None = None, limit: int | None = None,
                   newest_first: bool = False) -> list[dict[str, Any]]:

@@ -417,9 +417,6 @@ class DirTask(Task):
         tests = self.test_pairs[split]
         return {"majority_target": sum(t == top for _, t in tests) / len(tests)}
 
-    def byo_baselines(self, split: str) -> dict[str, float]:
-        return self.baselines(split, None, None)  # type: ignore[arg-type]
-
 
 TASK_NAMES = ("khop", "lookup", "addition")
 

@@ -17,10 +17,8 @@ class LocalContext:
         self.lane, self.device = lane, device
         self.echo = echo if echo is not None else (lambda s: print(s, file=sys.stderr, flush=True))
         self.started = time.monotonic()
-        self.last_progress: dict[str, float] = {}
 
     def progress(self, step: int, total: int, **metrics: float) -> None:
-        self.last_progress = {"step": step, "total": total, **metrics}
         elapsed = time.monotonic() - self.started
         eta = elapsed / step * (total - step) if step else float("nan")
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -72,6 +72,18 @@ class Cluster:
     def submit(self, lane: str, seconds: float, host: str | None = None) -> int:
         return queue.submit("sleep", {"seconds": seconds}, lane=lane, host=host, store=self.store)["id"]
 
+    def job_running_on_a(self, seconds: float) -> tuple[subprocess.Popen, dict[str, Any]]:
+        """hostA (GPU lane only) claims and starts a `seconds` sleep job; hostB is up beside it
+        but must not get that job. Returns hostA's daemon and the running job's row."""
+        a = self.start("hostA", "--lanes", "gpu")
+        self.wait_alive("hostA")
+        victim = self.submit("gpu", seconds)
+        wait_for(lambda: self.store.get(victim)["host"] == "hostA", 30, "hostA to claim the job")
+        self.start("hostB", "--lanes", "gpu")
+        job = wait_for(lambda: (j := self.store.get(victim))["started_at"] and j, 30,
+                       "the job to start on hostA")
+        return a, job
+
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
@@ -169,12 +181,8 @@ def test_gpu_jobs_spread_over_hosts_one_at_a_time_per_host(cluster: Cluster) -> 
 
 def test_host_death_requeues_its_job_to_the_other_host(cluster: Cluster) -> None:
     store = cluster.store
-    a = cluster.start("hostA", "--lanes", "gpu")
-    cluster.wait_alive("hostA")
-    victim = cluster.submit("gpu", 3.0)
-    wait_for(lambda: store.get(victim)["host"] == "hostA", 30, "hostA to claim the job")
-    cluster.start("hostB", "--lanes", "gpu")
-    job = wait_for(lambda: (j := store.get(victim))["started_at"] and j, 30, "the job to start on hostA")
+    a, job = cluster.job_running_on_a(3.0)
+    victim = job["id"]
     others = [cluster.submit("gpu", 0.3) for _ in range(2)]  # hostA's card is busy: these go to hostB
     time.sleep(0.3)  # mid-job
     died = kill_host(a, job["pid"])
@@ -306,12 +314,8 @@ def test_a_host_cut_off_from_the_database_stops_its_job_before_another_host_reru
             c.execute(sa.text(f'{sql} "{pg_role}"'))
     user_part = cluster.url.split("://", 1)[1].split("@", 1)[0]
     cluster.env["hostA"]["LAB_DB"] = cluster.url.replace(f"://{user_part}@", f"://{pg_role}@", 1)
-    a = cluster.start("hostA", "--lanes", "gpu")
-    cluster.wait_alive("hostA")
-    victim = cluster.submit("gpu", 5.0)
-    wait_for(lambda: store.get(victim)["host"] == "hostA", 30, "hostA to claim the job")
-    cluster.start("hostB", "--lanes", "gpu")
-    job = wait_for(lambda: (j := store.get(victim))["started_at"] and j, 30, "the job to start on hostA")
+    a, job = cluster.job_running_on_a(5.0)
+    victim = job["id"]
     time.sleep(0.3)
     with admin.connect() as c:  # the partition: hostA's daemon and job lose the database
         c.execute(sa.text(f'ALTER ROLE "{pg_role}" NOLOGIN'))
