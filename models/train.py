@@ -9,9 +9,8 @@ checkpoints and exact resume.
         summary.json     the final result (also returned by train())
         log.txt          via ctx.log; ends with a greppable block of `key: value` lines
 
-The fp16 path is nanoGPT's: autocast the forward, scaler.scale(loss).backward(), unscale before
-clipping, scaler.step (skipped when gradients overflowed), scaler.update. On CPU the scaler is
-disabled and everything is fp32. There is no bfloat16 anywhere: the target card has none.
+The step itself (optimizer, schedule, fp16 autocast + GradScaler on CUDA, grad accumulation,
+clipping) is models/step.py, the same one the ablation harness trains with.
 
 The budget is max_steps or max_seconds, whichever ends first; max_seconds counts the time spent
 in training steps (not evals or checkpoints, as in autoresearch), summed over resumes.
@@ -19,7 +18,6 @@ in training steps (not evals or checkpoints, as in autoresearch), summed over re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -37,54 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, ConfigError, TrainConfig
+from config import Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
+from models.step import TrainingDiverged, TrainStep, autocast_for, lr_at, make_optimizer, uses_fp16
+
+__all__ = ["BEST", "LAST", "TrainingDiverged", "evaluate", "load_checkpoint", "load_model", "lr_at",
+           "make_optimizer", "save_atomic", "train", "uses_fp16"]
 
 LAST, BEST = "ckpt_last.pt", "ckpt_best.pt"
 # Eval always draws the same batches (this seed offset), so evals at different steps and a
 # later `lab eval` of the checkpoint are compared on identical data.
 _EVAL_SEED_OFFSET = 1_000_003
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or the weights) became NaN or inf; the last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small pieces
-
-
-def lr_at(step: int, t: TrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warmup, then cosine from lr to min_lr. Under a wall-clock budget the cosine follows
-    whichever budget is further along, so a time-limited run still ends at min_lr."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / (t.warmup_steps + 1)
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    if t.max_seconds > 0:
-        progress = max(progress, elapsed_s / t.max_seconds)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return t.min_lr + coeff * (t.lr - t.min_lr)
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and the tied embedding) only, not norms or biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
-
-
-def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda" and cfg.precision.cuda_dtype == "float16":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def uses_fp16(cfg: Config, device: torch.device) -> bool:
-    return device.type == "cuda" and cfg.precision.cuda_dtype == "float16"
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -266,20 +228,25 @@ class _Trainer:
         self.model = build_model(cfg).to(self.device)
         self.model.train()
         self.params = count_params(self.model)
-        self.optimizer = make_optimizer(self.model, t)
-        self.fp16 = uses_fp16(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", init_scale=cfg.precision.grad_scaler_init,
-                                           growth_interval=cfg.precision.grad_scaler_growth_interval,
-                                           enabled=self.fp16)
+        self.stepper = TrainStep(self.model, cfg, self.device)  # shared with the ablation harness
+        self.optimizer, self.scaler = self.stepper.optimizer, self.stepper.scaler
+        self.fp16 = self.stepper.fp16
         self.data_rng = np.random.default_rng(t.seed)
         self.step = 0
-        self.skipped = 0
         self.train_s = 0.0  # time inside training steps: what max_seconds budgets
         self.best_val: float | None = None
         self.last_eval: dict[str, float] | None = None
         self.last_eval_step: int | None = None
         self.saved_step: int | None = None  # step of the checkpoint on disk (ckpt_last.pt)
         self.resumed_from: int | None = None
+
+    @property
+    def skipped(self) -> int:
+        return self.stepper.skipped
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.stepper.skipped = value
 
     # -- state -------------------------------------------------------------------------------
 
@@ -370,33 +337,17 @@ class _Trainer:
 
     def train_step(self) -> tuple[float, float]:
         t = self.cfg.train
-        lr = lr_at(self.step, t, self.train_s)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
+
+        def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
             x, y = self.data.get_batch("train", t.batch_size, self.cfg.model.block_size, self.data_rng)
-            with autocast_for(self.cfg, self.device):
-                _, loss = self.model(_to(x, self.device), _to(y, self.device))
-                loss = loss / t.grad_accum
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        loss_value = float(loss_sum)  # one host sync per optimizer step
-        if not math.isfinite(loss_value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"training diverged: loss is {loss_value} at step {self.step + 1}; "
-                                   f"{self._kept()}")
-        if t.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # skipped by the scaler when gradients overflowed
-        self.scaler.update()
-        if self.fp16 and self.scaler.get_scale() < scale_before:
-            self.skipped += 1
-        self.optimizer.zero_grad(set_to_none=True)
+            return _to(x, self.device), _to(y, self.device)
+
+        try:
+            loss, lr = self.stepper(next_batch, self.step, self.train_s)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; {self._kept()}") from None
         self.step += 1
-        return loss_value, lr
+        return loss, lr
 
     def expected_steps(self) -> int:
         """The step the run will end at: max_steps, or sooner under a wall-clock budget."""
