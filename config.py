@@ -120,6 +120,19 @@ class ModelConfig(_Validated):
     rope_base: float = _f(10_000.0, 1.0, 1e9)
     norm_eps: float = _f(1e-6, 0.0, 1.0)
     gate_bias_init: float = _f(0.0, -10.0, 10.0, "refiner: sigmoid(bias) is the initial blend")
+    # Refiner design variants (models/refiner.py's docstring shows each); the defaults are the
+    # seed design, so a config that names none of them builds exactly the original model.
+    update_rule: Literal["gated_residual", "gated_blend", "replace"] = _f(
+        "gated_residual", doc="refiner: how a pass's output c = block(x) enters the state h")
+    time_signal: Literal["sinusoid", "none", "learned", "random_offset"] = _f(
+        "sinusoid", doc="refiner: what tells a pass its index k")
+    time_offset_max: int = _f(8, 0, 1024, "refiner, random_offset: training pass indices start at U{0..this}")
+    init_state: Literal["zeros", "noise"] = _f("zeros", doc="refiner: the state h before the first pass")
+    state_noise_std: float = _f(0.02, 0.0, 100.0, "refiner, init_state=noise: h0 ~ N(0, this^2)")
+    init_scale_depth: Literal["depth_eval", "distinct_blocks"] = _f(
+        "depth_eval", doc="refiner: output projections init as if n_prelude + depth_eval (or + 1) blocks")
+    progressive_loss_weight: float = _f(
+        0.0, 0.0, 1.0, "refiner: weight w of Bansal et al.'s progressive loss; 0 turns it off")
     init_std: float = _f(0.02, 0.0, 1.0)
     loss_chunk_tokens: int = _f(2048, 16, 1 << 24, "rows of logits computed at once in the loss")
 
@@ -138,6 +151,14 @@ class ModelConfig(_Validated):
             )
         if self.arch == "reasoner" and self.depth_eval > self.n_layers:
             raise ConfigError(f"ModelConfig.depth_eval: {self.depth_eval} > n_layers {self.n_layers}")
+        # A variant whose knob makes it the default in disguise is refused, so an ablation arm
+        # cannot silently test nothing.
+        if self.time_signal == "random_offset" and self.time_offset_max < 1:
+            raise ConfigError(f"ModelConfig.time_offset_max: {self.time_offset_max} must be >= 1 with "
+                              "time_signal='random_offset' (0 is plain 'sinusoid')")
+        if self.init_state == "noise" and self.state_noise_std <= 0:
+            raise ConfigError(f"ModelConfig.state_noise_std: {self.state_noise_std:g} must be > 0 with "
+                              "init_state='noise' (0 is plain 'zeros')")
 
     @property
     def head_dim(self) -> int:
@@ -346,7 +367,12 @@ class AblationConfig(_Validated):
     # `better` needs the paired interval to exclude zero AND a mean gain of at least this much
     # exact-match accuracy (absolute), so a tiny but consistent difference is not a win.
     min_effect: float = _f(0.05, 0.0, 1.0)
-    eval_depths: tuple[int, ...] = (1, 2, 4, 8)
+    # Test depths every arm is measured at (a reasoner only at depths it owns, and always at
+    # its own); a spec's `eval_depths` replaces them.
+    eval_depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # A comparison whose arms differ by more than this factor in parameters, FLOPs per token or
+    # distinct blocks is flagged in the report as not matched on that axis.
+    match_ratio: float = _f(1.5, 1.0, 100.0)
     eval_examples: int = _f(500, 10, 1_000_000)
     train_examples: int = _f(0, 0, 10_000_000, "0 means fresh examples every step")
     parallel_seeds: int = _f(2, 1, 64, "seed processes at once (one torch thread each)")
@@ -370,6 +396,15 @@ class TaskSizes(_Validated):
     lookup_ood_lengths: tuple[int, ...] = (6, 8)
     addition_train_digits: int = _f(3, 1, 32)
     addition_ood_digits: tuple[int, ...] = (4, 5)
+    chase_length: int = _f(64, 8, 4096, "chase: tokens per line")
+    chase_max_jump: int = _f(4, 1, 9, "chase: a jump token says 'look 1..this many places back'")
+    chase_labels: int = _f(4, 2, 9, "chase: terminal labels; chance is 1/this")
+    chase_train_density: float = _f(0.3, 0.01, 0.99, "chase: share of terminals in a training line")
+    chase_sparse_density: float = _f(0.12, 0.01, 0.99, "chase: share of terminals in the `sparse` split")
+    chase_train_max_depth: int = _f(4, 1, 4096, "chase: only answers this many jumps deep are trained")
+    # One input line in `test_partition` (by a hash of its tokens) may be a test line; training
+    # never draws those, so no test line can occur in any training stream.
+    test_partition: int = _f(5, 2, 1000)
 
 
 TASKS = TaskSizes()

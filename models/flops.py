@@ -4,6 +4,9 @@ compute-matched comparisons can be read off an ablation report.
 Convention (nanoGPT / PaLM appendix B): 2 FLOPs per multiply-add; a matmul with P weights costs
 2P per token forward; attention adds 4 * T * d per token per block application (scores and
 weighted sum, T = context); backward costs twice the forward of the parts that get gradients.
+Work done once per sequence rather than per token (the refiner's time signal: a (K, d) x (d, d)
+projection, or a learned-code lookup) and elementwise ops (norms, the gate's blend, adding e and
+the time code, gated_blend's subtraction) are not counted.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ def _block_forward(cfg: ModelConfig, ctx: int) -> float:
 
 
 def _pass_forward(cfg: ModelConfig, ctx: int) -> float:
-    """One refiner loop pass: the shared block plus the gate (2d -> d)."""
-    return _block_forward(cfg, ctx) + 2.0 * (2 * cfg.d_model * cfg.d_model)
+    """One refiner loop pass: the shared block plus the gate (2d -> d); update_rule="replace"
+    has no gate."""
+    gate = 0 if cfg.update_rule == "replace" else 2 * cfg.d_model * cfg.d_model
+    return _block_forward(cfg, ctx) + 2.0 * gate
 
 
 def _head_forward(cfg: ModelConfig) -> float:
@@ -39,6 +44,17 @@ def forward_flops_per_token(cfg: ModelConfig, depth: int | None = None, ctx: int
     return body + _head_forward(cfg)
 
 
+def progressive_passes(depth: int) -> tuple[float, float]:
+    """Expected (passes run, passes with gradient) of the refiner's progressive loss at depth K:
+    n ~ U{0..K-1} passes without gradient, then k ~ U{1..K-n} with it (models/refiner.py)."""
+    run = with_grad = 0.0
+    for n in range(depth):
+        mean_k = (depth - n + 1) / 2  # mean of U{1..K-n}
+        run += (n + mean_k) / depth
+        with_grad += mean_k / depth
+    return run, with_grad
+
+
 def train_flops_at_depth(cfg: ModelConfig, depth: int, ctx: int | None = None) -> float:
     """Training FLOPs per token (forward + backward) of one step at a given depth."""
     ctx = cfg.block_size if ctx is None else ctx
@@ -46,7 +62,13 @@ def train_flops_at_depth(cfg: ModelConfig, depth: int, ctx: int | None = None) -
         with_grad = min(depth, cfg.backprop_steps)  # truncated backprop: no backward elsewhere
         fwd = forward_flops_per_token(cfg, depth, ctx)
         grad_part = cfg.n_prelude * _block_forward(cfg, ctx) + with_grad * _pass_forward(cfg, ctx)
-        return fwd + 2.0 * (grad_part + _head_forward(cfg))
+        total = fwd + 2.0 * (grad_part + _head_forward(cfg))
+        if cfg.progressive_loss_weight > 0:
+            # a second loop from the same encoding (the prelude runs, and backpropagates, once)
+            # and a second head and loss
+            run, grad = progressive_passes(depth)
+            total += (run + 2.0 * grad) * _pass_forward(cfg, ctx) + 3.0 * _head_forward(cfg)
+        return total
     return 3.0 * forward_flops_per_token(cfg, depth, ctx)
 
 

@@ -92,6 +92,47 @@ def test_relations_between_fields():
     assert config.preset("tiny", "refiner", n_layers=1, depth_max=8).model.depth_max == 8
 
 
+def test_refiner_variants_default_to_the_seed_design():
+    m = config.ModelConfig()
+    assert (m.update_rule, m.time_signal, m.init_state, m.init_scale_depth) == (
+        "gated_residual", "sinusoid", "zeros", "depth_eval")
+    assert m.progressive_loss_weight == 0.0
+    # an old run's config (no variant keys) loads as the seed design
+    d = config.preset("tiny", "refiner").to_dict()
+    for key in ("update_rule", "time_signal", "time_offset_max", "init_state", "state_noise_std",
+                "init_scale_depth", "progressive_loss_weight"):
+        del d["model"][key]
+    assert config.Config.from_dict(d) == config.preset("tiny", "refiner")
+    assert config.parse_assignments(["update_rule=replace"]) == {"update_rule": "replace"}
+    assert config.preset("tiny", "refiner", update_rule="replace").model.update_rule == "replace"
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("update_rule", "gru", ["ModelConfig.update_rule", "gated_residual", "gated_blend", "replace"]),
+    ("time_signal", "rope", ["ModelConfig.time_signal", "sinusoid", "none", "learned", "random_offset"]),
+    ("init_state", "ones", ["ModelConfig.init_state", "zeros", "noise"]),
+    ("init_scale_depth", "depth_max", ["ModelConfig.init_scale_depth", "distinct_blocks"]),
+    ("progressive_loss_weight", 1.5, ["ModelConfig.progressive_loss_weight", "out of range"]),
+    ("progressive_loss_weight", -0.1, ["ModelConfig.progressive_loss_weight", "out of range"]),
+    ("state_noise_std", -1.0, ["ModelConfig.state_noise_std", "out of range"]),
+    ("time_offset_max", -1, ["ModelConfig.time_offset_max", "out of range"]),
+    ("time_offset_max", 2.0, ["ModelConfig.time_offset_max", "expected int"]),
+])
+def test_bad_refiner_variant_values_name_the_field(key, value, words):
+    message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
+    assert all(w in message for w in words), message
+
+
+def test_refiner_variant_relations():
+    message = one_line_error(config.preset, "tiny", "refiner", time_signal="random_offset",
+                             time_offset_max=0)
+    assert "ModelConfig.time_offset_max" in message and "random_offset" in message
+    message = one_line_error(config.preset, "tiny", "refiner", init_state="noise", state_noise_std=0.0)
+    assert "ModelConfig.state_noise_std" in message and "noise" in message
+    # the knobs alone (their variant not chosen) are harmless, so a sweep may keep them set
+    assert config.preset("tiny", "refiner", time_offset_max=0, state_noise_std=0.0).model.time_offset_max == 0
+
+
 def test_bad_arch_names_the_allowed_ones():
     message = one_line_error(config.preset, "tiny", "transformer")
     assert "'transformer'" in message and "refiner" in message and "reasoner" in message
