@@ -251,7 +251,8 @@ def _ablation_text(s: dict[str, Any]) -> str:
 
     report = Path(s["run_dir"]) / "report.md"
     body = report.read_text() if report.exists() else ""
-    return f"{body}\nrun: {s['run_dir']} ({s['minutes']:.1f} min)\nverdict: {s['verdict']}"
+    line = s.get("verdict_line", s["verdict"])
+    return f"{body}\nrun: {s['run_dir']} ({s['minutes']:.1f} min)\nverdict: {line}"
 
 
 @main.command("ablate")
@@ -645,17 +646,20 @@ def _record_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 @main.command("finding")
 @click.argument("job")
 @click.option("--title", required=True, help="The conclusion in a sentence (it names the file).")
+@click.option("--supersedes", default=None, metavar="FILE.md",
+              help="An older finding this one replaces; both get a link to the other.")
 @json_option
-def finding_cmd(job: str, title: str, as_json: bool) -> None:
-    """Write docs/findings/YYYY-MM-DD-<slug>.md from a finished ablation: claim, evidence table,
-    verdict with intervals, config difference between arms, the command that reproduces it, job id
-    and git commit. Exit 1 for a job without a verdict or one that already has a finding.
+def finding_cmd(job: str, title: str, supersedes: str | None, as_json: bool) -> None:
+    """Write docs/findings/YYYY-MM-DD-<slug>.md from a finished ablation: claim on the primary
+    cell, evidence table, what is not matched, trivial baselines, the depth x difficulty grid,
+    the config difference between arms, the command that reproduces it, job id and git commit.
+    Exit 1 for a job without a verdict or one that already has a finding.
 
     Example: lab finding 12 --title "A 4-pass refiner beats a 1-layer flat model on khop"
     """
     from daemon import records
 
-    out = _record_call(records.write_finding, job, title)
+    out = _record_call(records.write_finding, job, title, supersedes)
     emit(out, as_json, lambda f: f"wrote {f['path']} (verdict {f['verdict']})")
 
 

@@ -320,13 +320,22 @@ def findings_dir() -> Path:
     return docs_root() / "findings"
 
 
-def finding_for_job(job: str) -> Path | None:
+def finding_for_job(job: str, started: str | None = None) -> Path | None:
+    """The finding already written from this job's ablation. Job ids restart with a new queue
+    database, so a finding also records when its ablation started: the same id from another
+    queue (another start time) is another job."""
     d = findings_dir()
     if not d.is_dir():
         return None
     for p in sorted(d.glob("*.md")):
-        if str(parse_front_matter(p.read_text()).get("job")) == str(job):
+        fm = parse_front_matter(p.read_text())
+        if str(fm.get("job")) != str(job):
+            continue
+        theirs = fm.get("ablation_started")
+        if started is None or theirs == started:
             return p
+        if theirs is None and str(fm.get("date", "")) >= started[:10]:
+            return p  # written before findings recorded the start, but not before this run began
     return None
 
 
@@ -409,44 +418,98 @@ def _claim(abl: dict[str, Any], spec: dict[str, Any]) -> tuple[str, dict[str, An
     # under test; any other arms are context with verdicts of their own (in the table).
     subject = next((a for a in arms if a.get("name") != baseline and a.get("verdict") != "baseline"), None)
     task = spec.get("task_dir") or spec.get("task") or abl.get("task") or "the task"
-    split = spec.get("primary") or abl.get("primary") or "the primary split"
+    split = abl.get("primary") or spec.get("primary") or "the primary cell"
     if subject is None:
-        return f"Verdict `{abl['verdict']}` on {task} ({split}).", None
+        return f"Verdict `{abl['verdict']}` on {task} (primary cell `{split}`).", None
     d, lo, hi = _diff_of(subject)
     diff = f" (paired difference {_fmt(d)}, 95% CI [{_fmt(lo)}, {_fmt(hi)}])" if _num(d) is not None else ""
     words = {"better": "beats", "worse": "is worse than"}
     word = words.get(str(subject.get("verdict")), "does not separate from")
     seeds = len(subject.get("per_seed") or []) or spec.get("seeds", "?")
-    return (f"`{subject['name']}` {word} the baseline `{baseline}` on {task}, split `{split}`{diff}, "
-            f"over {seeds} seeds: verdict **{subject.get('verdict')}**.", subject)
+    claim = (f"`{subject['name']}` {word} the baseline `{baseline}` on {task}, primary cell `{split}`{diff}, "
+             f"over {seeds} seeds: verdict **{subject.get('verdict')}**.")
+    if abl.get("verdict_line"):
+        claim += f" The harness's verdict line: `{abl['verdict_line']}`."
+    return claim, subject
 
 
-def finding_markdown(job: str, title: str, abl: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def _evidence_context(abl: dict[str, Any]) -> list[str]:
+    """What a reviewer checks next to the numbers: what is not matched, the trivial baselines,
+    overlap, and each arm's depth x difficulty grid on the primary split."""
+    out: list[str] = []
+    cell = abl.get("primary_cell") or {}
+    split, bucket = cell.get("split"), cell.get("bucket", "all")
+    for a in abl.get("arms", []):
+        m = a.get("matching")
+        if m:
+            bad = [f"{k} {v['ratio']:.2f}x" for k, v in m.items() if not v.get("matched")]
+            good = [f"{k} {v['ratio']:.2f}x" for k, v in m.items() if v.get("matched")]
+            out.append(f"- {a['name']} vs baseline: matched {', '.join(good) or 'nothing'}; "
+                       f"not matched: {', '.join(bad) or 'nothing'}")
+    if out:
+        out = ["", f"What is matched (within {abl.get('match_ratio', 1.5)}x) and what is not:", "", *out]
+    base = (abl.get("baselines") or {}).get(split) or {}
+    if base:
+        out += ["", f"Trivial baselines and references on `{split}` / `{bucket}`: "
+                + ", ".join(f"{k} {_fmt(v.get(bucket))}" for k, v in base.items()) + "."]
+    if abl.get("overlap"):
+        found = [f"{s} {o.get('in_train')}/{o.get('lines')}" for s, o in abl["overlap"].items()]
+        out += ["", "Test lines found in the training stream: " + ", ".join(found) + "."]
+    if abl.get("deepest_trained") is not None:
+        out += ["", f"Trained on difficulty <= {abl['deepest_trained']}; never trained: "
+                f"{', '.join(abl.get('never_trained') or []) or 'none'}."]
+    arms = [a for a in abl.get("arms", []) if split in (a.get("grid") or {})]
+    if arms:
+        rows = [r for a in arms for r in a["grid"][split].values()]
+        cols = ["all", *[b for b in rows[0] if b != "all" and any(r.get(b) is not None for r in rows)]]
+        out += ["", f"Depth x difficulty on `{split}` (mean over seeds; ← the depth the verdict reads):", "",
+                "| arm | depth | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+        for a in arms:
+            for d, row in a["grid"][split].items():
+                arrow = " ←" if str(a.get("read_depth")) == str(d) else ""
+                cells = " | ".join(_fmt(row.get(c)) for c in cols)
+                out.append(f"| {a['name']} | {d}{arrow} | {cells} |")
+    return out
+
+
+def finding_markdown(job: str, title: str, abl: dict[str, Any],
+                     supersedes: str | None = None) -> tuple[dict[str, Any], str]:
     spec = abl.get("spec") or {}
     claim, subject = _claim(abl, spec)
-    fm = {"job": job, "title": title, "date": today(), "verdict": abl["verdict"],
+    fm = {"job": job, "title": title, "date": today(), "ablation_started": abl.get("started"),
+          "verdict": abl["verdict"],
           "arm": subject.get("name") if subject else None, "baseline": spec.get("baseline"),
           "git_commit": abl.get("git_commit"), "created_at": utc_now()}
-    split = abl.get("primary") or spec.get("primary") or "the primary split"
-    lines = [front_matter(fm), f"# {title}", "", f"**Claim.** {claim}", "", "## Evidence", "",
-             f"Exact-match accuracy on the split `{split}`: the mean over seeds with its "
-             f"{abl.get('confidence', 0.95):.0%} interval, and the paired difference against the "
-             "baseline.", "",
-             "| arm | params | train FLOPs/token | mean | 95% CI | diff vs baseline (95% CI) | per seed "
-             "| verdict |",
-             "|---|---:|---:|---:|---|---|---|---|"]
+    if supersedes:
+        fm["supersedes"] = supersedes
+    split = abl.get("primary") or spec.get("primary") or "the primary cell"
+    lines = [front_matter(fm), f"# {title}", ""]
+    if supersedes:
+        lines += [f"> Supersedes [{Path(supersedes).name}]({Path(supersedes).name}).", ""]
+    lines += [f"**Claim.** {claim}", "", "## Evidence", "",
+              f"Accuracy on the primary cell `{split}` (chosen before the run): the mean over seeds with "
+              f"its {abl.get('confidence', 0.95):.0%} interval, and the paired difference against the "
+              "baseline.", "",
+              "| arm | params | distinct blocks | train FLOPs/token | read depth | mean | 95% CI "
+              "| diff vs baseline (95% CI) | p (Holm) | per seed | verdict |",
+              "|---|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for a in abl.get("arms", []):
         d, lo, hi = _diff_of(a)
         diff = f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]" if _num(d) is not None else "-"
+        p_holm = _fmt((a.get("diff") or {}).get("p_holm"))
         seeds = ", ".join(_fmt(s) for s in a.get("per_seed") or [])
         flops = _num(a.get("flops_per_token"))
         interval = f"[{_fmt(a.get('ci_low'))}, {_fmt(a.get('ci_high'))}]"
-        lines.append(f"| {a.get('name')} | {a.get('params', '-')} | {f'{flops:.3g}' if flops else '-'} | "
-                     f"{_fmt(a.get('mean'))} | {interval} | {diff} | {seeds} | {a.get('verdict', '-')} |")
+        lines.append(f"| {a.get('name')} | {a.get('params', '-')} | {a.get('distinct_blocks', '-')} | "
+                     f"{f'{flops:.3g}' if flops else '-'} | {a.get('read_depth', '-')} | "
+                     f"{_fmt(a.get('mean'))} | {interval} | {diff} | {p_holm} | {seeds} "
+                     f"| {a.get('verdict', '-')} |")
+    lines += _evidence_context(abl)
     min_effect = abl.get("min_effect", config.ABLATION.min_effect)
+    holm = " (Holm-corrected over the tested arms)" if abl.get("correction") == "holm" else ""
     lines += ["", "## Verdict", "",
-              f"Overall verdict: **{abl['verdict']}**. The rule: `better` only when the 95% interval of the "
-              f"paired difference against the baseline excludes zero and the mean difference is at least "
+              f"Overall verdict: **{abl['verdict']}**. The rule: `better` only when the paired difference "
+              f"against the baseline is significant at 95%{holm} and the mean difference is at least "
               f"the minimum effect ({min_effect}); `worse` is the mirror; anything else is `inconclusive`. "
               "The ablation's verdict is that of its first arm other than the baseline.",
               "", "## What differs between the arms", ""]
@@ -479,11 +542,17 @@ def finding_markdown(job: str, title: str, abl: dict[str, Any]) -> tuple[dict[st
     return fm, "\n".join(lines) + "\n"
 
 
-def write_finding(job: str, title: str) -> dict[str, Any]:
+def write_finding(job: str, title: str, supersedes: str | None = None) -> dict[str, Any]:
     """Write docs/findings/YYYY-MM-DD-<slug>.md from runs/<job>/ablation.json; refuse a job
-    without a verdict or one that already has a finding."""
+    without a verdict or one that already has a finding. `supersedes` names an older finding
+    (a file in docs/findings): both get a link to the other; nothing is deleted."""
     if not title.strip():
         raise config.ConfigError("--title: a finding needs a title")
+    old = None
+    if supersedes:
+        old = findings_dir() / Path(supersedes).name
+        if not old.is_file():
+            raise config.ConfigError(f"--supersedes: no finding {Path(supersedes).name} in {findings_dir()}")
     run_dir, _tier = locate_run(job)
     abl = read_ablation(run_dir)
     if abl is None:
@@ -491,10 +560,10 @@ def write_finding(job: str, title: str) -> dict[str, Any]:
     if abl.get("verdict") not in ("better", "worse", "inconclusive"):
         raise RecordError(f"job {job}: ablation.json has no verdict (got {abl.get('verdict')!r}); "
                           "wait for the ablation to finish")
-    existing = finding_for_job(job)
+    existing = finding_for_job(job, abl.get("started"))
     if existing is not None:
         raise RecordError(f"job {job} already has a finding: {existing}")
-    fm, text = finding_markdown(job, title.strip(), abl)
+    fm, text = finding_markdown(job, title.strip(), abl, old.name if old else None)
     path = findings_dir() / f"{today()}-{slugify(title)}.md"
     n = 2
     while path.exists():  # two findings with one title on one day: keep both, never overwrite
@@ -502,7 +571,20 @@ def write_finding(job: str, title: str) -> dict[str, Any]:
         n += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    if old is not None:
+        mark_superseded(old, path)
     return {**fm, "path": str(path)}
+
+
+def mark_superseded(old: Path, new: Path) -> None:
+    """Add `superseded_by` to an old finding's front matter and a banner under its title."""
+    text = old.read_text()
+    fm = parse_front_matter(text)
+    body = text.split(FRONT, 2)[2].lstrip("\n") if fm else text
+    fm["superseded_by"] = new.name
+    heading, _, rest = body.partition("\n")
+    banner = f"> **Superseded** by [{new.name}]({new.name}): read that finding instead."
+    old.write_text(front_matter(fm) + "\n" + heading + "\n\n" + banner + "\n" + rest)
 
 
 # --------------------------------------------------------------------------------------------

@@ -221,10 +221,14 @@ def result_comment(job: dict[str, Any]) -> str:
              f"attempt {job.get('attempts', 0)} · finished {iso(job.get('finished_at')) or 'unknown'}"]
     result = job.get("result")
     if isinstance(result, dict) and "verdict" in result:
-        parts.append(f"**Verdict: {result['verdict']}**")
+        primary = f" on primary cell `{result['primary']}`" if result.get("primary") else ""
+        parts.append(f"**Verdict: {result['verdict']}**{primary}")
+        if result.get("verdict_line"):
+            parts.append(f"verdict: {cell(str(result['verdict_line']))}")
         arms = result.get("arms") or []
         if arms:
-            cols = ["name", "params", "flops_per_token", "mean", "ci_low", "ci_high", "verdict"]
+            cols = ["name", "params", "distinct_blocks", "flops_per_token", "read_depth", "mean", "ci_low",
+                    "ci_high", "verdict"]
             parts.append(table(cols, [[a.get(c, "") for c in cols] for a in arms if isinstance(a, dict)]))
         report = run_dir / "report.md" if run_dir else None
         if report is not None and report.is_file():

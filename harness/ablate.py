@@ -1,11 +1,17 @@
-"""Arms x seeds -> ablation.json, report.md, accuracy.png and a verdict.
+"""Arms x seeds -> ablation.json, report.md, accuracy.png and a verdict on one primary cell.
 
     spec (toml or dict) --validate all--> arms' configs --(arm, seed) work, in seed processes-->
-    per-seed accuracies --stats--> intervals, paired differences, verdicts --> files + summary
+    per-seed depth x bucket grids --stats--> intervals, paired differences (Holm), verdicts
+    --> files + summary
 
-The whole spec is validated (task, splits, presets, every arm's overrides) before anything is
-trained, so bad input costs nothing. Seeds pair the arms: every arm of a seed trains on the
-same batches and is tested on the same test sets (harness/train_task.py).
+The whole spec is validated (task, splits, presets, every arm's overrides, the primary cell,
+declared matches) before anything is trained, so bad input costs nothing. Seeds pair the arms:
+every arm of a seed trains on the same batches and is tested on the same test sets
+(harness/train_task.py).
+
+The primary cell is chosen before the run and is required: `split[:bucket][@depth]`, e.g.
+`hops3`, `test:3` (bucket 3 of split test) or `sparse:7-8@16` (refiner arms read at 16 loop
+passes; flat arms always at their own depth). The verdict reads that cell and nothing else.
 
 Arm depth: `n_steps` is the depth at test. For a reasoner arm it also sets its size: a flat
 model of `n_steps` layers trained at that depth ("flat-1"), unless `set` names n_layers or a
@@ -20,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import subprocess
 import time
 import tomllib
@@ -28,6 +35,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import config
 from config import ConfigError
@@ -39,6 +48,18 @@ CONTROLS = ("negative", "positive")
 CONTROL_EXPECTED = {"negative": "inconclusive", "positive": "better"}
 _ARM_KEYS = ("name", "arch", "n_steps", "set")
 _DEPTH_KEYS = ("n_layers", "depth_min", "depth_max", "depth_eval")
+# Config keys an arm may not `set`: the harness decides them for every arm alike, or they
+# belong to a full run on token data. Setting one would describe a change that never ran.
+NOT_APPLIED = {
+    "vocab_size": "the task sets it", "block_size": "the task sets it",
+    "max_steps": "the spec's `steps` budgets every arm",
+    "max_seconds": "the spec's `seconds` budgets every arm",
+    "seed": "the harness seeds each arm by (seed, arm name)", "threads": "one torch thread per seed process",
+    "eval_interval": "a full run's setting", "eval_batches": "a full run's setting",
+    "ckpt_interval": "a full run's setting", "val_fraction": "a full run's setting",
+    "gpu_memory_fraction": "a full run's setting",
+}
+MATCH_AXES = ("params", "distinct_blocks", "train_flops", "inference_flops")
 
 
 @dataclass(frozen=True)
@@ -50,24 +71,62 @@ class ArmSpec:
 
 
 @dataclass(frozen=True)
+class PrimaryCell:
+    """What the verdict reads: a split, a difficulty bucket of it ("all": every answer), and the
+    test depth of looped arms (None: each arm's own depth)."""
+
+    split: str
+    bucket: str = "all"
+    depth: int | None = None
+
+    def __str__(self) -> str:
+        text = self.split if self.bucket == "all" else f"{self.split}:{self.bucket}"
+        return text if self.depth is None else f"{text}@{self.depth}"
+
+    @staticmethod
+    def parse(text: str) -> PrimaryCell:
+        m = re.fullmatch(r"([^:@\s]+)(?::([^:@\s]+))?(?:@(\d+))?", text.strip())
+        if not m:
+            raise ConfigError(f"ablation.primary: {text!r} is not split[:bucket][@depth] "
+                              "(e.g. hops3, test:3, sparse:7-8@16)")
+        return PrimaryCell(m.group(1), m.group(2) or "all", int(m.group(3)) if m.group(3) else None)
+
+
+@dataclass(frozen=True)
 class AblationSpec:
     """A validated ablation. Construction checks everything that can be checked without
     training: the errors are one line and name the field."""
 
     arms: tuple[ArmSpec, ...]
     baseline: str
+    primary: str  # the cell the verdict reads, split[:bucket][@depth]; chosen before the run
     task: str = "khop"
     task_dir: str = ""
     seeds: int = config.ABLATION.seeds
+    seed_offset: int = 0  # seeds are seed_offset .. seed_offset + seeds - 1
     steps: int = 0  # 0: the preset's max_steps
     seconds: float = 0.0  # > 0: a wall-clock budget per (arm, seed) instead of steps
     preset: str = "ablation"
-    primary: str = ""  # the split the verdict reads; default the hardest split
     why: str = ""  # required when seeds < 3: why fewer seeds are enough
     eval_examples: int = config.ABLATION.eval_examples
+    eval_depths: tuple[int, ...] = config.ABLATION.eval_depths
+    train_max_difficulty: int | None = None  # cut the training targets (None: the task's own cut)
+    matched: tuple[str, ...] = ()  # axes on which the verdict's comparison (first tested arm vs
+    # baseline) is matched, within ABLATION.match_ratio (MATCH_AXES); checked at validation
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["train_max_difficulty"] is None:
+            del d["train_max_difficulty"]  # TOML has no null: absent means the task's own cut
+        return d
+
+    @property
+    def cell(self) -> PrimaryCell:
+        return PrimaryCell.parse(self.primary)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seed_offset, self.seed_offset + self.seeds))
 
 
 def _expect(where: str, value: Any, tp: type | tuple[type, ...], what: str) -> None:
@@ -112,17 +171,26 @@ def parse_spec(values: dict[str, Any]) -> AblationSpec:
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"ablation.arms: arm names must be unique (got {', '.join(names)})")
-    if "baseline" not in values:
-        raise ConfigError("ablation.baseline: required key is missing")
+    for key in ("baseline", "primary"):
+        if key not in values:
+            hint = (" (the cell the verdict reads, chosen before the run: split[:bucket][@depth], "
+                    "e.g. primary = \"hops3\")") if key == "primary" else ""
+            raise ConfigError(f"ablation.{key}: required key is missing{hint}")
     types = {"baseline": (str, "a string"), "task": (str, "a string"), "task_dir": (str, "a string"),
-             "seeds": (int, "an integer"), "steps": (int, "an integer"),
-             "seconds": ((int, float), "a number"),
+             "seeds": (int, "an integer"), "seed_offset": (int, "an integer"), "steps": (int, "an integer"),
+             "seconds": ((int, float), "a number"), "train_max_difficulty": (int, "an integer"),
              "preset": (str, "a string"), "primary": (str, "a string"), "why": (str, "a string"),
-             "eval_examples": (int, "an integer")}
+             "eval_examples": (int, "an integer"), "eval_depths": ((list, tuple), "a list of integers"),
+             "matched": ((list, tuple), "a list of strings")}
     for key, value in values.items():
         _expect(f"ablation.{key}", value, types[key][0], types[key][1])
     if "seconds" in values:
         values["seconds"] = float(values["seconds"])
+    for key, tp, what in (("eval_depths", int, "integers"), ("matched", str, "strings")):
+        if key in values:
+            for v in values[key]:
+                _expect(f"ablation.{key}", v, tp, f"a list of {what}")
+            values[key] = tuple(values[key])
     spec = AblationSpec(arms=tuple(arms), **values)
     _check_spec(spec)
     return spec
@@ -136,6 +204,8 @@ def _check_spec(spec: AblationSpec) -> None:
         raise ConfigError(f"ablation.seeds: {spec.seeds} is out of range (allowed: [1, 100])")
     if spec.seeds < 3 and not spec.why:
         raise ConfigError(f"ablation.seeds: {spec.seeds} < 3 needs a reason in `why`")
+    if not 0 <= spec.seed_offset <= 1_000_000:
+        raise ConfigError(f"ablation.seed_offset: {spec.seed_offset} is out of range (allowed: [0, 1000000])")
     if spec.steps < 0 or spec.seconds < 0:
         raise ConfigError("ablation.steps: steps and seconds must be >= 0")
     if spec.steps and spec.seconds:
@@ -143,6 +213,13 @@ def _check_spec(spec: AblationSpec) -> None:
     if not 10 <= spec.eval_examples <= 1_000_000:
         raise ConfigError(f"ablation.eval_examples: {spec.eval_examples} is out of range "
                           "(allowed: [10, 1000000])")
+    if not spec.eval_depths or any(not 1 <= d <= 1024 for d in spec.eval_depths):
+        raise ConfigError(f"ablation.eval_depths: {list(spec.eval_depths)} must be 1 to 1024 passes each")
+    for axis in spec.matched:
+        if axis not in MATCH_AXES:
+            raise ConfigError(f"ablation.matched: unknown axis {axis!r} (allowed: {', '.join(MATCH_AXES)})")
+    if spec.train_max_difficulty is not None and spec.train_max_difficulty < 0:
+        raise ConfigError(f"ablation.train_max_difficulty: {spec.train_max_difficulty} must be >= 0")
     if spec.preset not in config.PRESETS:
         raise ConfigError(f"ablation.preset: unknown preset {spec.preset!r} "
                           f"(allowed: {', '.join(config.PRESETS)})")
@@ -150,25 +227,94 @@ def _check_spec(spec: AblationSpec) -> None:
         raise ConfigError(f"ablation.task: unknown task {spec.task!r} (allowed: {', '.join(TASK_NAMES)}, "
                           "or task_dir)")
     task = make_task(spec.task, spec.task_dir or None, seed=0)
-    if spec.primary and spec.primary not in task.splits:
-        raise ConfigError(f"ablation.primary: unknown split {spec.primary!r} "
+    _check_primary(spec, task)
+    configs = [arm_config(spec, arm, task, where=f"ablation.arms[{i}]") for i, arm in enumerate(spec.arms)]
+    if spec.matched:
+        sizes = [arm_sizes(c, arm, spec.cell) for c, arm in zip(configs, spec.arms, strict=True)]
+        base = [a.name for a in spec.arms].index(spec.baseline)
+        i = next(j for j in range(len(spec.arms)) if j != base)  # the arm the verdict is about
+        for axis in spec.matched:
+            r = ratio(sizes[i][axis], sizes[base][axis])
+            if r > config.ABLATION.match_ratio:
+                raise ConfigError(f"ablation.matched: {axis} of {spec.arms[i].name} ({sizes[i][axis]:,.0f}) "
+                                  f"and {spec.baseline} ({sizes[base][axis]:,.0f}) differ {r:.2f}x "
+                                  f"(> {config.ABLATION.match_ratio}x): not matched")
+
+
+def _check_primary(spec: AblationSpec, task: Task) -> None:
+    cell = spec.cell
+    if cell.split not in task.splits:
+        raise ConfigError(f"ablation.primary: unknown split {cell.split!r} "
                           f"(allowed: {', '.join(task.splits)})")
-    for i, arm in enumerate(spec.arms):
-        arm_config(spec, arm, task, where=f"ablation.arms[{i}]")
+    if cell.bucket != "all" and cell.bucket not in task.buckets:
+        raise ConfigError(f"ablation.primary: unknown bucket {cell.bucket!r} of {task.name} "
+                          f"(allowed: all, {', '.join(task.buckets)})")
+    if cell.depth is not None and not 1 <= cell.depth <= 1024:
+        raise ConfigError(f"ablation.primary: depth {cell.depth} is out of range (allowed: [1, 1024])")
+    if cell.bucket != "all" and not task.generative:
+        from harness.tasks import counts, units
+        from harness.train_task import data_rng
+
+        test = task.test_batch(cell.split, data_rng(spec.seed_offset, cell.split), spec.eval_examples)
+        n = counts(task, units(task, test.y, test)[1])
+        if not n[cell.bucket]:
+            held = ", ".join(b for b in task.buckets if n[b])
+            raise ConfigError(f"ablation.primary: bucket {cell.bucket!r} has no answers in split "
+                              f"{cell.split!r} (it holds: {held})")
+
+
+def distinct_blocks(m: config.ModelConfig) -> int:
+    """Blocks with their own weights: the refiner's prelude plus its one shared block."""
+    return m.n_prelude + 1 if m.arch == "refiner" else m.n_layers
+
+
+def read_depth(m: config.ModelConfig, n_steps: int | None, cell: PrimaryCell) -> int:
+    """The depth an arm's primary value is read at: the cell's depth for a looped arm, else the
+    arm's own depth (a flat model has one depth of its own)."""
+    if m.arch == "refiner" and cell.depth is not None:
+        return cell.depth
+    return n_steps or m.depth_eval
+
+
+def arm_sizes(cfg: config.Config, arm: ArmSpec, cell: PrimaryCell) -> dict[str, float]:
+    """Parameters (counted on the meta device: nothing allocated), distinct blocks and FLOPs per
+    token (training, and inference at the read depth) of an arm: the axes of MATCH_AXES."""
+    import torch
+
+    from models import build_model, count_params
+    from models.flops import forward_flops_per_token, train_flops_per_token
+
+    with torch.device("meta"):
+        params = count_params(build_model(cfg))
+    depth = read_depth(cfg.model, arm.n_steps, cell)
+    return {"params": float(params), "distinct_blocks": float(distinct_blocks(cfg.model)),
+            "train_flops": train_flops_per_token(cfg.model),
+            "inference_flops": forward_flops_per_token(cfg.model, depth)}
+
+
+def ratio(a: float, b: float) -> float:
+    lo, hi = min(a, b), max(a, b)
+    return math.inf if lo <= 0 else hi / lo
 
 
 def arm_config(spec: AblationSpec, arm: ArmSpec, task: Task, where: str = "arm") -> config.Config:
     """The arm's full config: the preset for its arch, the task's vocabulary and length, the
-    flat-n rule for reasoners (module docstring), then the arm's own overrides."""
+    spec's budget, the flat-n rule for reasoners (module docstring), then the arm's overrides."""
     overrides: dict[str, Any] = {"vocab_size": task.vocab_size, "block_size": task.block_size}
+    if spec.seconds:
+        overrides.update(max_seconds=spec.seconds, max_steps=100_000_000)  # the clock decides
+    elif spec.steps:
+        overrides["max_steps"] = spec.steps
     if arm.arch == "reasoner" and arm.n_steps is not None and not set(arm.set) & set(_DEPTH_KEYS):
         overrides.update(n_layers=arm.n_steps, depth_min=arm.n_steps, depth_max=arm.n_steps,
                          depth_eval=arm.n_steps)
     for key, value in arm.set.items():
         try:
-            config.split_key(key)
+            _section, bare = config.split_key(key)
         except ConfigError as e:
             raise ConfigError(f"{where}.set.{key}: unknown config key") from e
+        if bare in NOT_APPLIED:
+            raise ConfigError(f"{where}.set.{key}: the harness does not apply this key ({NOT_APPLIED[bare]})")
         overrides[key] = value
     try:
         cfg = config.preset(spec.preset, arm.arch, **overrides)
@@ -202,16 +348,23 @@ def control_spec(name: str) -> AblationSpec:
 # Running
 
 
+def _depths_for(spec: AblationSpec, cfg: config.Config) -> tuple[int, ...]:
+    """The test depths an arm is measured at: the spec's, plus the primary cell's for a looped arm."""
+    depths = set(spec.eval_depths)
+    if cfg.model.arch == "refiner" and spec.cell.depth is not None:
+        depths.add(spec.cell.depth)
+    return tuple(sorted(depths))
+
+
 def _work_items(spec: AblationSpec, configs: list[config.Config], device: str) -> list[Any]:
     from harness.train_task import Work
 
     items = [Work(arm_index=i, arm_name=arm.name, seed=seed, cfg=configs[i], n_steps=arm.n_steps,
-                  eval_depths=config.ABLATION.eval_depths, steps=spec.steps or configs[i].train.max_steps,
-                  seconds=spec.seconds,
-                  eval_examples=spec.eval_examples, task_name=None if spec.task_dir else spec.task,
-                  task_dir=spec.task_dir or None, task_sizes=config.TASKS, device=device,
-                  train_examples=config.ABLATION.train_examples)
-             for seed in range(spec.seeds) for i, arm in enumerate(spec.arms)]
+                  eval_depths=_depths_for(spec, configs[i]), eval_examples=spec.eval_examples,
+                  task_name=None if spec.task_dir else spec.task, task_dir=spec.task_dir or None,
+                  task_sizes=config.TASKS, device=device, train_examples=config.ABLATION.train_examples,
+                  train_max_difficulty=spec.train_max_difficulty)
+             for seed in spec.seed_list for i, arm in enumerate(spec.arms)]
     # the costliest first, so the last item to finish is a cheap one (better packing)
     from models.flops import train_flops_per_token
 
@@ -242,7 +395,8 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
     spawn = mp.get_context("spawn")  # fork after torch is loaded is not safe
     progress_queue = spawn.Queue()
     done_steps: dict[tuple[int, int], int] = {}
-    totals = {(w.arm_index, w.seed): w.steps for w in items}
+    # under a wall-clock budget the total is not known until a child estimates it
+    totals = {(w.arm_index, w.seed): 0 if w.cfg.train.max_seconds else w.cfg.train.max_steps for w in items}
     results = []
     names = {w.arm_index: w.arm_name for w in items}
     last_report = 0.0
@@ -269,7 +423,8 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
                     r = fut.result()
                     done_steps[(w.arm_index, w.seed)] = totals[(w.arm_index, w.seed)] = r.steps
                     results.append(r)
-                    accs = " ".join(f"{k}={v:.3f}" for k, v in r.accuracy.items())
+                    own = r.grid[max(d for d in r.grid if d <= (w.n_steps or w.cfg.model.depth_eval))]
+                    accs = " ".join(f"{k}={_pct(v['all'])}" for k, v in own.items())
                     ctx.log(f"done {w.arm_name} seed {w.seed}: {r.steps} steps in {r.wall_s:.0f}s "
                             f"({r.cpu_s:.0f} CPU s), {accs}")
     finally:
@@ -300,63 +455,143 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _baselines(spec: AblationSpec, task: Task) -> dict[str, dict[str, float]]:
-    """Trivial predictors on the same test sets as the arms, averaged over seeds."""
+def _baselines(spec: AblationSpec, task: Task) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Trivial predictors on the same test sets as the arms, per cell, averaged over seeds."""
+    from harness.tasks import baseline_cells
     from harness.train_task import data_rng
 
     if task.generative:
-        return {s: task.baselines(s, None, None) for s in task.splits}  # type: ignore[arg-type]
-    out: dict[str, dict[str, float]] = {}
+        return {s: task.baseline_cells_of(s) for s in task.splits}  # type: ignore[attr-defined]
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    cut = spec.train_max_difficulty
     for split in task.splits:
         per_seed = []
-        for seed in range(spec.seeds):
+        for seed in spec.seed_list:
             t = make_task(spec.task, None, seed=seed)
             test = t.test_batch(split, data_rng(seed, split), spec.eval_examples)
-            per_seed.append(t.baselines(split, test, t.train_batch(data_rng(seed), 2000)))
-        out[split] = {k: float(sum(b[k] for b in per_seed) / len(per_seed)) for k in per_seed[0]}
+            per_seed.append(baseline_cells(t, test, t.train_batch(data_rng(seed), 2000, cut), cut))
+        out[split] = {name: {c: _mean([b[name][c] for b in per_seed]) for c in per_seed[0][name]}
+                      for name in per_seed[0]}
     return out
 
 
-def _summarise(spec: AblationSpec, task: Task, configs: list[config.Config], params: list[int],
-               results: list[Any]) -> dict[str, Any]:
-    """Intervals and verdicts from the per-seed results."""
-    from models.flops import train_flops_per_token
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
-    conf, min_effect = config.ABLATION.confidence, config.ABLATION.min_effect
-    primary = spec.primary or task.splits[-1]
+
+def _interval_of(values: list[float | None], conf: float) -> dict[str, Any]:
+    iv = stats.t_interval([v for v in values if v is not None], conf)
+    return {"mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high, "n": iv.n}
+
+
+def _summarise(spec: AblationSpec, task: Task, configs: list[config.Config], sizes: list[dict[str, float]],
+               results: list[Any], baselines: dict[str, Any]) -> dict[str, Any]:
+    """Intervals, the Holm-corrected verdicts on the primary cell, the grids and the matching."""
+    from models.flops import forward_flops_per_token
+
+    conf, min_effect, cell = config.ABLATION.confidence, config.ABLATION.min_effect, spec.cell
     by = {(r.arm_index, r.seed): r for r in results}
-    seeds = range(spec.seeds)
+    seeds = spec.seed_list
     base_i = [a.name for a in spec.arms].index(spec.baseline)
-    base_acc = [by[(base_i, s)].accuracy[primary] for s in seeds]
-    arms = []
+
+    def values(i: int, split: str, depth: int, bucket: str) -> list[float | None]:
+        return [by[(i, s)].grid[depth][split][bucket] for s in seeds]
+
+    arms: list[dict[str, Any]] = []
+    primary_values: list[list[float]] = []
     for i, arm in enumerate(spec.arms):
-        per_seed = [by[(i, s)].accuracy[primary] for s in seeds]
-        iv = stats.t_interval(per_seed, conf)
-        splits = {sp: stats.t_interval([by[(i, s)].accuracy[sp] for s in seeds], conf).to_dict()
-                  for sp in task.splits}
-        depths = sorted(by[(i, 0)].by_depth)
-        by_depth = {str(d): {sp: stats.t_interval([by[(i, s)].by_depth[d][sp] for s in seeds], conf).to_dict()
-                             for sp in task.splits} for d in depths}
-        entry: dict[str, Any] = {
-            "name": arm.name, "arch": arm.arch, "n_steps": arm.n_steps,
-            "test_depth": arm.n_steps or configs[i].model.depth_eval,
-            "params": params[i], "flops_per_token": train_flops_per_token(configs[i].model),
-            "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high, "per_seed": per_seed,
-            "splits": splits, "by_depth": by_depth,
+        m = configs[i].model
+        depth = read_depth(m, arm.n_steps, cell)
+        own = arm.n_steps or m.depth_eval
+        per_seed = values(i, cell.split, depth, cell.bucket)
+        if any(v is None for v in per_seed):
+            raise ConfigError(f"ablation.primary: cell {cell} has no answers for {arm.name} on some seed")
+        primary_values.append([float(v) for v in per_seed])  # type: ignore[arg-type]
+        iv = stats.t_interval(primary_values[-1], conf)
+        depths = sorted(by[(i, seeds[0])].grid)
+        grid = {sp: {str(d): {c: _mean(values(i, sp, d, c)) for c in ("all", *task.buckets)} for d in depths}
+                for sp in task.splits}
+        arms.append({
+            "name": arm.name, "arch": arm.arch, "n_steps": arm.n_steps, "test_depth": own,
+            "read_depth": depth,
+            "params": int(sizes[i]["params"]), "distinct_blocks": int(sizes[i]["distinct_blocks"]),
+            "flops_per_token": sizes[i]["train_flops"],  # training, over the training depth distribution
+            "inference_flops_per_token": {str(d): forward_flops_per_token(m, d) for d in depths},
+            "mean": iv.mean, "ci_low": iv.low, "ci_high": iv.high, "per_seed": primary_values[-1],
+            "splits": {sp: _interval_of(values(i, sp, own, "all"), conf) for sp in task.splits},
+            "grid": grid,
             "steps": [by[(i, s)].steps for s in seeds], "wall_s": [by[(i, s)].wall_s for s in seeds],
             "cpu_s": [by[(i, s)].cpu_s for s in seeds],
             "final_loss": [by[(i, s)].final_loss for s in seeds],
-        }
+            "skipped_steps": [by[(i, s)].skipped_steps for s in seeds],
+        })
+    tested = [i for i in range(len(arms)) if i != base_i]
+    diffs = {i: stats.paired_difference(primary_values[i], primary_values[base_i], conf) for i in tested}
+    adjusted = stats.holm([diffs[i].p for i in tested])
+    for i, entry in enumerate(arms):
         if i == base_i:
-            entry["verdict"], entry["diff"] = "baseline", None
-        else:
-            diff = stats.paired_difference(per_seed, base_acc, conf)
-            entry["diff"] = {"mean": diff.mean, "ci_low": diff.low, "ci_high": diff.high}
-            entry["verdict"] = stats.verdict(diff, min_effect)
-        arms.append(entry)
-    tested = [a["verdict"] for a in arms if a["verdict"] != "baseline"]
-    return {"verdict": stats.overall_verdict(tested), "primary": primary, "baseline": spec.baseline,
-            "confidence": conf, "min_effect": min_effect, "arms": arms}
+            entry.update(verdict="baseline", diff=None, matching=None)
+            continue
+        diff, p_holm = diffs[i], adjusted[tested.index(i)]
+        entry["diff"] = {"mean": diff.mean, "ci_low": diff.low, "ci_high": diff.high, "p": diff.p,
+                         "p_holm": p_holm}
+        entry["verdict"] = stats.verdict(diff, min_effect, p_holm, conf)
+        entry["matching"] = {axis: {"arm": sizes[i][axis], "baseline": sizes[base_i][axis],
+                                    "ratio": ratio(sizes[i][axis], sizes[base_i][axis]),
+                                    "matched": ratio(sizes[i][axis], sizes[base_i][axis])
+                                    <= config.ABLATION.match_ratio}
+                             for axis in MATCH_AXES}
+    verdict = stats.overall_verdict([arms[i]["verdict"] for i in tested])
+    from harness.tasks import REFERENCES
+
+    trivial = {name: cells.get(cell.bucket) for name, cells in baselines.get(cell.split, {}).items()}
+    known = {k: v for k, v in trivial.items() if v is not None and k not in REFERENCES}
+    best = max(known, key=lambda k: known[k]) if known else None
+    references = {k: v for k, v in trivial.items() if v is not None and k in REFERENCES}
+    overlap = {sp: {"lines": max(by[k].overlap[sp]["lines"] for k in by),
+                    "in_train": max(by[k].overlap[sp]["in_train"] for k in by)} for sp in task.splits}
+    deepest = task.deepest_trained(spec.train_max_difficulty)
+    summary = {"verdict": verdict, "primary": str(cell), "primary_cell": dataclasses.asdict(cell),
+               "baseline": spec.baseline, "confidence": conf, "min_effect": min_effect,
+               "correction": "holm" if len(tested) > 1 else "none", "tested_arms": len(tested),
+               "matched": list(spec.matched), "match_ratio": config.ABLATION.match_ratio,
+               "best_trivial": {"name": best, "value": known[best]} if best else None,
+               "references": references,
+               "deepest_trained": deepest,
+               "never_trained": [b for b, (lo, _) in task.buckets.items()
+                                 if deepest is not None and lo > deepest],
+               "overlap": overlap, "arms": arms, "baselines": baselines}
+    summary["verdict_line"] = verdict_line(summary)
+    return summary
+
+
+def verdict_line(summary: dict[str, Any]) -> str:
+    """One line that names the verdict, the primary cell, the comparison and any shortcut."""
+    arms = summary["arms"]
+    subject = next((a for a in arms if a["verdict"] != "baseline"), None)
+    base = next(a for a in arms if a["verdict"] == "baseline")
+    text = f"{summary['verdict']} on {summary['primary']}"
+    if subject is None:
+        return text
+    d = subject["diff"]
+    text += (f" ({subject['name']} {_pct(subject['mean'])} vs {base['name']} {_pct(base['mean'])}, "
+             f"paired {_pct(d['mean'], '+')} [{_pct(d['ci_low'], '+')}, {_pct(d['ci_high'], '+')}]")
+    if summary["correction"] == "holm":
+        text += f", Holm p {_pct(d['p_holm'])} over {summary['tested_arms']} arms"
+    text += ")"
+    best = summary.get("best_trivial")
+    winner = subject if summary["verdict"] == "better" else base if summary["verdict"] == "worse" else None
+    if winner is not None and best and winner["mean"] is not None and winner["mean"] <= best["value"]:
+        text += (f"; the winner does not clear the trivial baseline {best['name']} "
+                 f"({_pct(best['value'])}): a shortcut, not reasoning")
+    for name, value in (summary.get("references") or {}).items():
+        if winner is not None and winner["mean"] is not None and winner["mean"] <= value:
+            text += f"; the winner does not beat the reference {name} ({_pct(value)})"
+    unmatched = [a for a, m in (subject.get("matching") or {}).items() if not m["matched"]]
+    if unmatched:
+        text += f"; not matched: {', '.join(unmatched)}"
+    return text
 
 
 def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
@@ -364,22 +599,27 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     the CLI (a LocalContext) and the queue job alike."""
     import torch
 
-    from models import build_model, count_params
-
     started, t0 = datetime.now(UTC), time.monotonic()
     run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, spec.task_dir or None, seed=0)
     configs = [arm_config(spec, arm, task, f"ablation.arms[{i}]") for i, arm in enumerate(spec.arms)]
     torch.set_num_threads(1)
-    params = [count_params(build_model(c)) for c in configs]
+    sizes = [arm_sizes(c, arm, spec.cell) for c, arm in zip(configs, spec.arms, strict=True)]
     items = _work_items(spec, configs, getattr(ctx, "device", "cpu"))
-    ctx.log(f"ablation: task {task.name}, {len(spec.arms)} arms x {spec.seeds} seeds, "
-            f"{f'{spec.seconds:.0f} s' if spec.seconds else f'{items[0].steps} steps'} per arm and seed, "
-            f"{config.ABLATION.parallel_seeds} processes")
-    results = _run_all(items, spec, ctx)
-    summary = _summarise(spec, task, configs, params, results)
-    summary["baselines"] = _baselines(spec, task)
+    budget = f"{spec.seconds:.0f} s" if spec.seconds else f"{configs[0].train.max_steps} steps"
+    ctx.log(f"ablation: task {task.name}, {len(spec.arms)} arms x {spec.seeds} seeds, {budget} per arm "
+            f"and seed, {config.ABLATION.parallel_seeds} processes; primary cell {spec.cell} "
+            "(chosen before the run)")
+    from models.step import TrainingDiverged
+
+    try:
+        results = _run_all(items, spec, ctx)
+    except TrainingDiverged as e:  # a NaN loss: the ablation failed (not the input)
+        raise FloatingPointError(str(e)) from None
+    summary = _summarise(spec, task, configs, sizes, results, _baselines(spec, task))
+    if task.generative:
+        summary["overlap"] = task.overlap()  # type: ignore[attr-defined]
     summary["run_dir"] = str(run_dir)
     minutes = (time.monotonic() - t0) / 60
     summary["minutes"] = minutes
@@ -387,13 +627,13 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
 
     record = {
         "spec": spec.to_dict(), "task": {"name": task.name, "vocab": task.vocab, "splits": list(task.splits),
-                                         "unit": task.unit, "chance": task.chance,
+                                         "unit": task.unit, "buckets": list(task.buckets),
                                          "sizes": dataclasses.asdict(config.TASKS)},
         "configs": [c.to_dict() for c in configs], "ablation_config": dataclasses.asdict(config.ABLATION),
         "per_seed": [{"arm": spec.arms[r.arm_index].name, "seed": r.seed, "steps": r.steps,
                       "wall_s": r.wall_s, "cpu_s": r.cpu_s, "final_loss": r.final_loss,
-                      "accuracy": r.accuracy,
-                      "by_depth": {str(d): v for d, v in r.by_depth.items()}, "curve": r.curve}
+                      "grid": {str(d): v for d, v in r.grid.items()}, "counts": r.counts,
+                      "overlap": r.overlap, "curve": r.curve}
                      for r in sorted(results, key=lambda r: (r.arm_index, r.seed))],
         "summary": summary, "git_commit": _git_commit(), "versions": _versions(),
         "started": started.isoformat(timespec="seconds"),
@@ -406,9 +646,10 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     plot_accuracy(record, run_dir / "accuracy.png")
     for arm in summary["arms"]:
         ctx.log(f"{arm['name']}: {_pct(arm['mean'])} [{_pct(arm['ci_low'])}, {_pct(arm['ci_high'])}] "
-                f"{arm['verdict']}")
+                f"on {summary['primary']} at depth {arm['read_depth']}: {arm['verdict']}")
     ctx.log(f"minutes: {minutes:.2f}")
-    ctx.log(f"verdict: {summary['verdict']}")
+    ctx.log(f"primary: {summary['primary']}")
+    ctx.log(f"verdict: {summary['verdict_line']}")
     return summary
 
 
@@ -441,36 +682,81 @@ def _interval(d: dict[str, Any], sign: str = "") -> str:
     return f"{_pct(d['mean'], sign)} [{_pct(d['ci_low'], sign)}, {_pct(d['ci_high'], sign)}]"
 
 
+def _ratio_text(m: dict[str, Any]) -> str:
+    return f"{m['ratio']:.2f}x" if math.isfinite(m["ratio"]) else "inf"
+
+
 def render_report(spec: AblationSpec, task: Task, summary: dict[str, Any]) -> str:
-    primary = summary["primary"]
-    conf = int(round(summary["confidence"] * 100))
-    lines = [f"# Ablation on `{task.name}`: **{summary['verdict']}**", "",
-             f"{spec.seeds} seeds; split `{primary}` ({task.unit} accuracy); {conf}% t intervals; "
-             f"`better` needs the paired interval above 0 and a gain >= {summary['min_effect']}.", "",
-             f"| arm | params | train FLOPs/token | depth | {primary} mean [{conf}% CI] "
-             f"| vs {spec.baseline} [{conf}% CI] | verdict |",
-             "|---|---:|---:|---:|---|---|---|"]
-    for a in summary["arms"]:
+    from harness.tasks import REFERENCES
+
+    cell, conf = spec.cell, int(round(summary["confidence"] * 100))
+    arms, baselines = summary["arms"], summary["baselines"]
+    lines = [f"# Ablation on `{task.name}`: **{summary['verdict']}** on `{summary['primary']}`", "",
+             f"verdict: {summary['verdict_line']}", "",
+             f"Primary cell `{cell}` (chosen before the run): split `{cell.split}`, "
+             + ("every answer" if cell.bucket == "all" else f"difficulty bucket `{cell.bucket}`")
+             + (f", looped arms read at {cell.depth} passes" if cell.depth else ", each arm at its own depth")
+             + f"; {task.unit} accuracy; {spec.seeds} seeds ({spec.seed_list[0]}..{spec.seed_list[-1]}); "
+             f"{conf}% t intervals; `better` needs the paired difference significant"
+             + (f" after a Holm correction over {summary['tested_arms']} tested arms"
+                if summary["correction"] == "holm" else "")
+             + f" and a gain >= {summary['min_effect']}.", "",
+             f"| arm | params | distinct blocks | train FLOPs/token | read depth | inference FLOPs/token "
+             f"| {cell} mean [{conf}% CI] | vs {spec.baseline} [{conf}% CI] | p (Holm) | verdict |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
+    for a in arms:
         d = a["diff"]
         vs = "—" if d is None else _interval(d, "+")
-        lines.append(f"| {a['name']} | {a['params']:,} | {a['flops_per_token']:.3g} | {a['test_depth']} | "
-                     f"{_interval(a)} | {vs} | {a['verdict']} |")
-    lines += ["", "Accuracy by split (mean over seeds, at each arm's test depth):", "",
+        p = "—" if d is None else _pct(d.get("p_holm"))
+        inf = a["inference_flops_per_token"].get(str(a["read_depth"]))
+        lines.append(f"| {a['name']} | {a['params']:,} | {a['distinct_blocks']} | {a['flops_per_token']:.3g} "
+                     f"| {a['read_depth']} | {inf:.3g} | {_interval(a)} | {vs} | {p} | {a['verdict']} |")
+    lines += ["", f"**Matching** (flagged beyond {summary['match_ratio']}x; declared in the spec: "
+              f"{', '.join(summary['matched']) or 'nothing'}):", ""]
+    for a in arms:
+        if not a.get("matching"):
+            continue
+        ok = [f"{k} {_ratio_text(m)}" for k, m in a["matching"].items() if m["matched"]]
+        bad = [f"{k} {_ratio_text(m)}" for k, m in a["matching"].items() if not m["matched"]]
+        lines.append(f"- {a['name']} vs {spec.baseline}: matched {', '.join(ok) or 'nothing'}; "
+                     f"**not matched: {', '.join(bad) or 'nothing'}**")
+    best = summary.get("best_trivial")
+    lines += ["", f"**Trivial baselines (and references) on `{cell.split}` / `{cell.bucket}`:** "
+              + ", ".join(f"{k} {_pct(v.get(cell.bucket))}" for k, v in baselines.get(cell.split, {}).items())
+              + (f" (best: {best['name']})" if best else ""), ""]
+    overlap = summary.get("overlap") or {}
+    lines += ["**Test lines found in the training stream:** "
+              + ", ".join(f"{s} {o['in_train']}/{o['lines']}" for s, o in overlap.items()), ""]
+    deepest = summary.get("deepest_trained")
+    if deepest is not None:
+        never = summary.get("never_trained") or []
+        lines += [f"Trained on difficulty <= {deepest}; buckets never trained: "
+                  f"{', '.join(never) or 'none'}.", ""]
+    lines += ["Accuracy by split (every answer, at each arm's own depth):", "",
               "| arm | " + " | ".join(task.splits) + " |", "|---|" + "---:|" * len(task.splits)]
-    for a in summary["arms"]:
-        cells = [_pct(a["splits"][s]["mean"]) for s in task.splits]
-        lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
-    for name in summary["baselines"].get(primary, {}):
-        lines.append(f"| *{name}* (trivial) | "
-                     + " | ".join(_pct(summary["baselines"][s].get(name)) for s in task.splits) + " |")
-    lines += ["", f"Accuracy by test depth on `{primary}` (depths a reasoner owns only):", ""]
-    depths = sorted({int(d) for a in summary["arms"] for d in a["by_depth"]})
-    lines += ["| arm | " + " | ".join(str(d) for d in depths) + " |", "|---|" + "---:|" * len(depths)]
-    for a in summary["arms"]:
-        cells = [_pct(a["by_depth"][str(d)][primary]["mean"]) if str(d) in a["by_depth"] else "—"
-                 for d in depths]
-        lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
-    lines += ["", f"verdict: {summary['verdict']}", ""]
+    for a in arms:
+        lines.append(f"| {a['name']} | " + " | ".join(_pct(a["splits"][s]["mean"]) for s in task.splits)
+                     + " |")
+    for name in baselines.get(cell.split, {}):
+        kind = "reference" if name in REFERENCES else "trivial"
+        lines.append(f"| *{name}* ({kind}) | "
+                     + " | ".join(_pct(baselines[s].get(name, {}).get("all")) for s in task.splits) + " |")
+    for split in task.splits:
+        held = [b for b in task.buckets if any(
+            a["grid"][split][d][b] is not None for a in arms for d in a["grid"][split])]
+        cols = ["all", *held]
+        never = summary.get("never_trained", [])
+        heads = [c + (" (never trained)" if c in never else "") for c in cols]
+        lines += ["", f"Depth x difficulty on `{split}` (mean over seeds; ← marks the depth the verdict "
+                  "reads):", "", "| arm | depth | " + " | ".join(heads) + " |",
+                  "|---|---:|" + "---:|" * len(cols)]
+        for a in arms:
+            for d, row in a["grid"][split].items():
+                arrow = " ←" if split == cell.split and int(d) == a["read_depth"] else ""
+                lines.append(f"| {a['name']} | {d}{arrow} | " + " | ".join(_pct(row[c]) for c in cols) + " |")
+        for name, row in baselines.get(split, {}).items():
+            lines.append(f"| *{name}* | — | " + " | ".join(_pct(row.get(c)) for c in cols) + " |")
+    lines += ["", f"verdict: {summary['verdict_line']}", ""]
     return "\n".join(lines)
 
 

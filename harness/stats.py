@@ -1,9 +1,12 @@
-"""Intervals, paired differences and verdicts over seeds.
+"""Intervals, paired differences, the multiple-comparison correction and verdicts over seeds.
 
 The rule (the same one CLAUDE.md gives the agent): an arm is `better` than the baseline only
-when the confidence interval of the paired difference (arm - baseline, per seed) lies above
-zero AND the mean difference is at least `config.ABLATION.min_effect`; `worse` mirrors it;
-anything else is `inconclusive`. Intervals are Student-t over seeds (scipy.stats.t).
+when its paired difference (arm - baseline, per seed, on the primary cell) is significant —
+the two-sided paired t test's p value, Holm-corrected over the ablation's tested arms, below
+1 - confidence (with one tested arm: the confidence interval excludes zero) — AND the mean
+difference is at least `config.ABLATION.min_effect`; `worse` mirrors it; anything else is
+`inconclusive`. Differences with no spread over the seeds have no variance estimate: their
+interval and p value are undefined, and they are never `better` or `worse`.
 """
 
 from __future__ import annotations
@@ -23,24 +26,25 @@ class Interval:
     low: float
     high: float
     n: int
+    p: float = float("nan")  # two-sided t test of mean == 0 (for a paired difference)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
 def t_interval(values: list[float] | np.ndarray, confidence: float) -> Interval:
-    """Mean and two-sided t interval. Fewer than 2 values: the interval is (nan, nan); all
-    values equal: the interval collapses onto the mean."""
+    """Mean, two-sided t interval and the t test's p value of mean == 0. Fewer than 2 values,
+    or values with no spread: the interval and p are nan (no variance estimate)."""
     x = np.asarray(values, dtype=float)
     n = len(x)
     mean = float(x.mean()) if n else float("nan")
-    if n < 2:
+    # a spread at rounding level (0.9 - 0.8 vs 0.8 - 0.7) is no spread: it has no information
+    if n < 2 or np.ptp(x) <= 1e-9:
         return Interval(mean, float("nan"), float("nan"), n)
-    if np.ptp(x) == 0.0:  # no spread: scipy would give nan, the interval is the point
-        return Interval(mean, mean, mean, n)
     sem = float(stats.sem(x))
     low, high = stats.t.interval(confidence, df=n - 1, loc=mean, scale=sem)
-    return Interval(mean, float(low), float(high), n)
+    p = float(2 * stats.t.sf(abs(mean) / sem, df=n - 1))
+    return Interval(mean, float(low), float(high), n, p)
 
 
 def paired_difference(arm: list[float], baseline: list[float], confidence: float) -> Interval:
@@ -50,13 +54,29 @@ def paired_difference(arm: list[float], baseline: list[float], confidence: float
     return t_interval(np.asarray(arm, float) - np.asarray(baseline, float), confidence)
 
 
-def verdict(diff: Interval, min_effect: float) -> str:
-    """better / worse / inconclusive by the rule in the module docstring."""
-    if math.isnan(diff.low) or math.isnan(diff.high):
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p values, in the input order (nan stays nan and is not counted)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(order)
+    adjusted = [float("nan")] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(diff: Interval, min_effect: float, p_adjusted: float | None = None,
+            confidence: float = 0.95) -> str:
+    """better / worse / inconclusive by the rule in the module docstring. Without an adjusted p
+    (one comparison) the interval decides, which is the same test."""
+    p = diff.p if p_adjusted is None else p_adjusted
+    if math.isnan(diff.low) or math.isnan(diff.high) or math.isnan(p):
         return "inconclusive"
-    if diff.low > 0 and diff.mean >= min_effect:
+    significant = p < 1 - confidence
+    if significant and diff.mean > 0 and diff.mean >= min_effect:
         return "better"
-    if diff.high < 0 and diff.mean <= -min_effect:
+    if significant and diff.mean < 0 and diff.mean <= -min_effect:
         return "worse"
     return "inconclusive"
 

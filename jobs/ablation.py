@@ -1,6 +1,7 @@
 """ablation: arms x seeds on a generated task (or a task directory) -> a verdict with its
 statistics (harness/ablate.py). The spec is the toml spec of `lab ablate --spec` (task, seeds,
-steps or seconds, preset, baseline, primary, arms), or `spec_file` naming such a file, or
+steps or seconds, preset, baseline, primary (required: the cell the verdict reads),
+arms), or `spec_file` naming such a file, or
 `control` = negative | positive. Writes ablation.json, report.md and accuracy.png.
 
 Keys left at their defaults here ("", 0, -1, []) mean: from the spec file, or the harness's
@@ -26,20 +27,25 @@ class Spec:
     task: str = ""
     task_dir: str = ""
     seeds: int = 0
+    seed_offset: int = -1
     steps: int = -1
     seconds: float = -1.0
     preset: str = ""
     primary: str = ""
     why: str = ""
     eval_examples: int = 0
+    eval_depths: list = field(default_factory=list)  # test depths, e.g. [1, 2, 4, 8, 16, 32]
+    train_max_difficulty: int = -1
+    matched: list = field(default_factory=list)  # axes the comparison claims to match
 
     def __post_init__(self) -> None:
         resolve(self)  # validate everything at submit time: the error names the field
 
     def given(self) -> dict[str, Any]:
         """The harness keys this spec sets (the sentinels above mean 'not given')."""
-        unset = {"arms": [], "baseline": "", "task": "", "task_dir": "", "seeds": 0, "steps": -1,
-                 "seconds": -1.0, "preset": "", "primary": "", "why": "", "eval_examples": 0}
+        unset = {"arms": [], "baseline": "", "task": "", "task_dir": "", "seeds": 0, "seed_offset": -1,
+                 "steps": -1, "seconds": -1.0, "preset": "", "primary": "", "why": "", "eval_examples": 0,
+                 "eval_depths": [], "train_max_difficulty": -1, "matched": []}
         return {k: getattr(self, k) for k, v in unset.items() if getattr(self, k) != v}
 
 

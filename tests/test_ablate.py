@@ -22,7 +22,7 @@ LAB = str(Path(sys.executable).parent / "lab")
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "harness" / "specs" / "khop_default.toml"
 
 GOOD = {
-    "task": "khop", "seeds": 3, "steps": 10, "baseline": "flat-1",
+    "task": "khop", "seeds": 3, "steps": 10, "baseline": "flat-1", "primary": "hops3",
     "arms": [{"name": "refiner-k4", "arch": "refiner", "n_steps": 4, "set": {"d_model": 32}},
              {"name": "flat-1", "arch": "reasoner", "n_steps": 1}],
 }
@@ -36,9 +36,49 @@ def _with(**changes):
 
 def test_shipped_specs_parse():
     spec = load_spec_file(DEFAULT_SPEC)
-    assert [a.name for a in spec.arms] == ["refiner-k4", "flat-1"] and spec.baseline == "flat-1"
+    # the matched arm that separates looping from size: a flat model with the refiner's 2 blocks
+    assert [a.name for a in spec.arms] == ["refiner-k4", "flat-2", "flat-1"] and spec.baseline == "flat-2"
+    assert spec.primary == "hops3" and set(spec.matched) == {"distinct_blocks", "params"}
     for name in ("negative", "positive"):
         assert len(control_spec(name).arms) == 2
+    for path in DEFAULT_SPEC.parent.glob("*.toml"):
+        assert load_spec_file(path).primary  # every shipped spec names its primary cell
+
+
+def test_primary_is_required_and_names_a_cell():
+    """Fault: a spec without `primary` got its verdict from the hardest (near-chance OOD) split."""
+    spec = json.loads(json.dumps(GOOD))
+    del spec["primary"]
+    with pytest.raises(ConfigError, match="ablation.primary: required key is missing"):
+        parse_spec(spec)
+    cell = parse_spec(_with(primary="test:3@8")).cell
+    assert (cell.split, cell.bucket, cell.depth) == ("test", "3", 8) and str(cell) == "test:3@8"
+    for bad, why in (("test:9", "unknown bucket"), ("test:4", "has no answers in split 'test'"),
+                     ("hops3@x", "is not split"), ("nosuch", "unknown split")):
+        with pytest.raises(ConfigError, match=why) as e:
+            parse_spec(_with(primary=bad))
+        assert str(e.value).startswith("ablation.primary")
+
+
+@pytest.mark.parametrize("key", ["max_seconds", "max_steps", "eval_interval", "seed", "block_size"])
+def test_arm_key_the_harness_does_not_apply_is_refused(key):
+    """Fault: an arm could `set` keys the harness ignored; the verdict then described a change
+    that never ran. grad_accum and cuda_dtype are applied now (the shared TrainStep)."""
+    arms = [GOOD["arms"][0], {"name": "flat-1", "arch": "reasoner", "n_steps": 1, "set": {key: 5}}]
+    with pytest.raises(ConfigError, match=rf"ablation.arms\[1\].set.{key}: the harness does not apply"):
+        parse_spec(_with(arms=arms))
+    ok = [GOOD["arms"][0], {"name": "flat-1", "arch": "reasoner", "n_steps": 1,
+                            "set": {"grad_accum": 2, "cuda_dtype": "float32"}}]
+    parse_spec(_with(arms=ok))
+
+
+def test_a_declared_match_is_checked():
+    with pytest.raises(ConfigError, match=r"ablation.matched: distinct_blocks of refiner-k4 \(2\) .* 2.00x"):
+        parse_spec(_with(matched=["distinct_blocks"]))  # 2 distinct blocks against 1
+    with pytest.raises(ConfigError, match="ablation.matched: unknown axis"):
+        parse_spec(_with(matched=["vibes"]))
+    arms = [GOOD["arms"][0], {"name": "flat-2", "arch": "reasoner", "n_steps": 2, "set": {"d_model": 32}}]
+    parse_spec(_with(arms=arms, baseline="flat-2", matched=["distinct_blocks", "params"]))
 
 
 @pytest.mark.parametrize("spec, field", [
@@ -71,7 +111,7 @@ def test_flat_n_rule_and_queue_kind():
     from jobs.ablation import resolve
 
     resolved = resolve(job_spec)
-    assert resolved.steps == 50 and resolved.baseline == "flat-1"
+    assert resolved.steps == 50 and resolved.baseline == "flat-2"
     assert jobs.check_lane("ablation", None) == "cpu" and jobs.check_lane("ablation", "gpu") == "gpu"
     with pytest.raises(ConfigError, match="ablation.baseline"):
         jobs.parse_spec("ablation", {"spec_file": str(DEFAULT_SPEC), "baseline": "nobody"})
@@ -106,14 +146,19 @@ def test_negative_control_end_to_end(tmp_path):
     assert a["params"] == b["params"] > 0 and a["flops_per_token"] == b["flops_per_token"] > 0
     assert len(a["per_seed"]) == 3 and a["ci_low"] <= a["mean"] <= a["ci_high"]
     assert a["per_seed"] != b["per_seed"]  # other init seeds: the runs really differ
-    assert set(a["by_depth"]) == {"1", "2"}  # a 2-layer reasoner cannot be run deeper
-    assert summary["baselines"]["test"]["one_hop"] > summary["baselines"]["test"]["chance"]
+    assert set(a["grid"]["test"]) == {"1", "2"}  # a 2-layer reasoner cannot be run deeper
+    assert set(a["grid"]["test"]["2"]) == {"all", "1", "2", "3", "4", "6"}  # the depth x bucket grid
+    assert summary["baselines"]["test"]["one_hop"]["all"] > summary["baselines"]["test"]["chance"]["all"]
+    assert summary["primary"] == "test" and summary["correction"] == "none"
+    assert all(o["in_train"] == 0 for o in summary["overlap"].values())
     record = json.loads((run_dir / "ablation.json").read_text())
     assert record["git_commit"] and record["versions"]["torch"]
     assert len(record["per_seed"]) == 6 and record["spec"]["baseline"] == "flat-2-b"
     assert (run_dir / "accuracy.png").stat().st_size > 10_000
-    assert "inconclusive" in (run_dir / "report.md").read_text()
-    assert (run_dir / "log.txt").read_text().strip().splitlines()[-1] == "verdict: inconclusive"
+    report = (run_dir / "report.md").read_text()
+    assert "**inconclusive** on `test`" in report and "Depth x difficulty on `test`" in report
+    last = (run_dir / "log.txt").read_text().strip().splitlines()[-1]
+    assert last.startswith("verdict: inconclusive on test (")  # the verdict line names the cell
 
 
 def test_task_dir_ablation_runs_by_generation(tmp_path):
@@ -126,7 +171,8 @@ def test_task_dir_ablation_runs_by_generation(tmp_path):
     (task / "test_all.jsonl").write_text("\n".join(lines[:4]) + "\n")
     spec = tmp_path / "spec.toml"
     spec.write_text('task_dir = "task"\nseeds = 1\nwhy = "a plumbing check"\nsteps = 20\n'
-                    'baseline = "flat-1"\n[[arms]]\nname = "flat-2"\narch = "reasoner"\nn_steps = 2\n'
+                    'baseline = "flat-1"\nprimary = "test_all"\n'
+                    '[[arms]]\nname = "flat-2"\narch = "reasoner"\nn_steps = 2\n'
                     '[[arms]]\nname = "flat-1"\narch = "reasoner"\nn_steps = 1\n')
     env = {**os.environ, "LAB_RUNS": str(tmp_path / "runs")}
     proc = subprocess.run([LAB, "ablate", "--spec", str(spec), "--json"], capture_output=True, text=True,
@@ -136,3 +182,53 @@ def test_task_dir_ablation_runs_by_generation(tmp_path):
     assert summary["primary"] == "test_all" and summary["verdict"] == "inconclusive"  # one seed
     assert all(0.0 <= a["mean"] <= 1.0 for a in summary["arms"])
     assert "majority_target" in summary["baselines"]["test_all"]
+
+
+def _fake_results(spec, primary_by_arm):
+    """WorkResults whose primary cell holds the given per-seed values (the rest 0.5)."""
+    from harness.tasks import make_task
+    from harness.train_task import WorkResult
+
+    task = make_task(spec.task)
+    out = []
+    for i, arm in enumerate(spec.arms):
+        for j, seed in enumerate(spec.seed_list):
+            depth = arm.n_steps
+            grid = {depth: {sp: {c: 0.5 for c in ("all", *task.buckets)} for sp in task.splits}}
+            grid[depth][spec.cell.split][spec.cell.bucket] = primary_by_arm[arm.name][j]
+            out.append(WorkResult(arm_index=i, seed=seed, steps=1, wall_s=0.0, cpu_s=0.0, final_loss=1.0,
+                                  curve=[], grid=grid, overlap={sp: {"lines": 1, "in_train": 0}
+                                                                for sp in task.splits}))
+    return out
+
+
+def _summary(spec, values, one_hop):
+    from harness.ablate import _summarise, arm_config, arm_sizes
+    from harness.tasks import make_task
+
+    task = make_task(spec.task)
+    configs = [arm_config(spec, a, task) for a in spec.arms]
+    sizes = [arm_sizes(c, a, spec.cell) for c, a in zip(configs, spec.arms, strict=True)]
+    baselines = {sp: {"chance": {c: 0.25 for c in ("all", *task.buckets)},
+                      "one_hop": {c: one_hop for c in ("all", *task.buckets)},
+                      "as_deep_as_trained": {c: 1.0 for c in ("all", *task.buckets)}} for sp in task.splits}
+    return _summarise(spec, task, configs, sizes, _fake_results(spec, values), baselines)
+
+
+def test_holm_correction_and_the_verdict_line():
+    arms = [{"name": "loop", "arch": "refiner", "n_steps": 4, "set": {"d_model": 32}},
+            {"name": "wide", "arch": "reasoner", "n_steps": 2, "set": {"d_model": 32}},
+            {"name": "flat-1", "arch": "reasoner", "n_steps": 1, "set": {"d_model": 32}}]
+    spec = parse_spec(_with(arms=arms))
+    values = {"loop": [0.60, 0.71, 0.80], "wide": [0.52, 0.50, 0.61], "flat-1": [0.50, 0.60, 0.71]}
+    s = _summary(spec, values, one_hop=0.25)
+    loop = s["arms"][0]
+    assert s["correction"] == "holm" and s["tested_arms"] == 2
+    assert loop["diff"]["p_holm"] >= loop["diff"]["p"] and loop["verdict"] == "better"
+    assert s["verdict_line"].startswith("better on hops3 (loop 0.703 vs flat-1 0.603, paired +0.100")
+    assert "Holm p" in s["verdict_line"] and "not matched: params" in s["verdict_line"]
+    assert "shortcut" not in s["verdict_line"]  # as_deep_as_trained (1.0) is a reference, not trivial
+    # the same win, but the task's one-hop shortcut scores more than the winner
+    shortcut = _summary(spec, values, one_hop=0.9)
+    flagged = "does not clear the trivial baseline one_hop (0.900): a shortcut, not reasoning"
+    assert flagged in shortcut["verdict_line"]

@@ -22,7 +22,7 @@ SURFACE = {
     "cancel": ['job_id', '--json', '--reason'],
     "daemon": ['--cpu-workers', '--json', '--lanes'],
     "eval": ['run', '--batches', '--checkpoint', '--device', '--json', '--n-steps'],
-    "finding": ['job', '--json', '--title'],
+    "finding": ['job', '--json', '--supersedes', '--title'],
     "github sync": ['--json', '--once'],
     "kinds": ['--json'],
     "labels sync": ['--json'],

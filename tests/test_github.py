@@ -223,7 +223,11 @@ def test_issue_form_and_readme_example_produce_valid_specs() -> None:
     readme = (ROOT / "README.md").read_text().split("## From issue to result")[1]
     example = "\n".join(x[4:] if x.startswith("    ") else x for x in readme.splitlines())
     spec = github.parse_issue_spec(example, ["cpu"], 1)
-    assert spec.kind == "ablation" and spec.spec["baseline"] == "flat-1"
+    assert spec.kind == "ablation" and spec.spec["baseline"] == "flat-2" and spec.spec["primary"] == "hops3"
+    import jobs
+    from jobs.ablation import resolve
+
+    resolve(jobs.parse_spec("ablation", spec.spec))  # the harness accepts it: primary names a cell
 
 
 BAD_SPECS = [

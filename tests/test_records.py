@@ -60,7 +60,9 @@ def test_finding_from_a_finished_ablation(lab: CliRunner, tmp_runs: Path) -> Non
         if arm["diff"]:
             d = arm["diff"]
             assert f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]" in text
-    assert f"split `{summary['primary']}`" in text
+    assert f"primary cell `{summary['primary']}`" in text and summary["verdict_line"] in text
+    assert "not matched: params" in text and "Depth x difficulty on `test`" in text
+    assert "as_deep_as_trained" in text and "Test lines found in the training stream: test 0/20" in text
     assert "| model.n_layers |" in text  # the resolved config difference between the arms
     # The reproduce block is a spec the harness itself accepts, equal to the one that ran.
     toml_block = text.split("```toml\n", 1)[1].split("```", 1)[0]
@@ -76,6 +78,40 @@ def test_finding_from_a_finished_ablation(lab: CliRunner, tmp_runs: Path) -> Non
 
     queued = resolve(jobs.parse_spec("ablation", values))  # what `lab submit ablation` validates
     assert json.loads(json.dumps(queued.to_dict())) == raw["spec"]
+
+
+def test_a_job_id_from_an_earlier_queue_is_another_job(lab: CliRunner, tmp_runs: Path) -> None:
+    """Job ids restart with a new queue database: a finding of an older job 21 (written before
+    this run began) does not block the finding of today's job 21; a second one of it is refused."""
+    raw = ablation_run(tmp_runs, "21")
+    findings = Path(config.docs_dir()) / "findings"
+    findings.mkdir(parents=True)
+    (findings / "2020-01-01-old.md").write_text(records.front_matter({"job": "21", "date": "2020-01-01"})
+                                                + "# old\n")
+    code, out = invoke(lab, "finding", "21", "--title", "Today's claim", "--json")
+    assert code == 0, out
+    fm = records.parse_front_matter(Path(json.loads(out)["path"]).read_text())
+    assert fm["ablation_started"] == raw["started"]
+    code, out = invoke(lab, "finding", "21", "--title", "Again")
+    assert code == 1 and "already has a finding" in out
+
+
+def test_a_finding_supersedes_an_old_one_with_links_both_ways(lab: CliRunner, tmp_runs: Path) -> None:
+    ablation_run(tmp_runs, "21")
+    ablation_run(tmp_runs, "22")
+    code, out = invoke(lab, "finding", "21", "--title", "The old claim", "--json")
+    old = Path(json.loads(out)["path"])
+    code, out = invoke(lab, "finding", "22", "--title", "The new claim", "--supersedes", old.name, "--json")
+    assert code == 0, out
+    new = Path(json.loads(out)["path"])
+    assert records.parse_front_matter(new.read_text())["supersedes"] == old.name
+    assert f"Supersedes [{old.name}]" in new.read_text()
+    old_text = old.read_text()
+    assert records.parse_front_matter(old_text)["superseded_by"] == new.name
+    assert f"**Superseded** by [{new.name}]" in old_text and "# The old claim" in old_text
+    assert "**Claim.**" in old_text  # the old evidence stays; nothing is deleted
+    code, out = invoke(lab, "finding", "21", "--title", "x", "--supersedes", "nosuch.md")
+    assert code == 2 and "--supersedes" in out
 
 
 def test_finding_is_refused_twice_without_verdict_or_run(lab: CliRunner, tmp_runs: Path) -> None:
