@@ -396,7 +396,7 @@ class TaskSizes(_Validated):
     lookup_ood_lengths: tuple[int, ...] = (6, 8)
     addition_train_digits: int = _f(3, 1, 32)
     addition_ood_digits: tuple[int, ...] = (4, 5)
-    chase_length: int = _f(64, 8, 4096, "chase: tokens per line")
+    chase_length: int = _f(48, 8, 4096, "chase: tokens per line")
     chase_max_jump: int = _f(4, 1, 9, "chase: a jump token says 'look 1..this many places back'")
     chase_labels: int = _f(4, 2, 9, "chase: terminal labels; chance is 1/this")
     chase_train_density: float = _f(0.3, 0.01, 0.99, "chase: share of terminals in a training line")

@@ -559,8 +559,12 @@ def test_result_comment_fits_github_limit_with_curve_log_tail_and_ablation_repor
     arms = [{"name": f"arm{i}", "params": 12345, "flops_per_token": 1e6, "mean": 0.5, "ci_low": 0.4,
              "ci_high": 0.6, "verdict": "better"} for i in range(3)]
     failed = _job(status="failed", run_dir=str(run), error="NaN loss at step 40", exit_code=1,
-                  result={"verdict": "better", "arms": arms, "val_loss": 1.25, "steps": 1000})
+                  result={"verdict": "better", "arms": arms, "val_loss": 1.25, "steps": 1000,
+                          "primary": "sparse:7-8@16",
+                          "verdict_line": "better on sparse:7-8@16 (arm0 0.9 vs arm1 0.5, ...)"})
     body = render.result_comment(failed)
+    assert "**Verdict: better** on primary cell `sparse:7-8@16`" in body  # the comment names the cell
+    assert "verdict: better on sparse:7-8@16 (arm0 0.9 vs arm1 0.5, ...)" in body
     assert len(body) <= render.COMMENT_LIMIT
     assert body.startswith(render.result_marker(7)) and "### ❌ Job 7 failed" in body
     assert "**Verdict: better**" in body and "| arm2 |" in body and "report.md" in body
