@@ -472,6 +472,34 @@ def _evidence_context(abl: dict[str, Any]) -> list[str]:
     return out
 
 
+def _limits(abl: dict[str, Any], spec: dict[str, Any], subject: dict[str, Any] | None) -> list[str]:
+    """The limits a reader must keep in mind, derived from the record (not written by hand)."""
+    arms = abl.get("arms", [])
+    base = next((a for a in arms if a.get("verdict") == "baseline"), None)
+    out = []
+    means = [_num(a.get("mean")) for a in (subject, base) if a]
+    if means and all(m is not None and m >= 0.99 for m in means):
+        out.append("- Both arms of the verdict are at ceiling on the primary cell: at this budget the task "
+                   "cannot separate them, whatever their architectures could do on a harder one.")
+    best = abl.get("best_trivial") or {}
+    if best and means and all(m is not None and m <= float(best.get("value", 0)) + 0.05 for m in means):
+        out.append(f"- Both arms of the verdict are within 0.05 of the trivial baseline {best.get('name')}: "
+                   "neither learned the cell beyond a shortcut.")
+    bad = [k for k, v in ((subject or {}).get("matching") or {}).items() if not v.get("matched")]
+    if bad:
+        out.append(f"- Not matched between the two arms: {', '.join(bad)} (over "
+                   f"{abl.get('match_ratio', 1.5)}x); the difference, or its absence, may come from them.")
+    cell = abl.get("primary_cell") or {}
+    if cell.get("bucket") in (abl.get("never_trained") or []):
+        out.append(f"- The primary bucket `{cell.get('bucket')}` was never trained: the cell measures "
+                   "extrapolation in difficulty, on this task only.")
+    steps, task = spec.get("steps") or "the preset's", spec.get("task_dir") or spec.get("task")
+    out.append(f"- One task (`{task}`), one budget ({steps} steps, preset "
+               f"`{spec.get('preset')}`), {spec.get('seeds')} seeds, CPU fp32; it says nothing yet of other "
+               "tasks, longer training or the `rtx2060` scale.")
+    return out
+
+
 def finding_markdown(job: str, title: str, abl: dict[str, Any],
                      supersedes: str | None = None) -> tuple[dict[str, Any], str]:
     spec = abl.get("spec") or {}
@@ -505,6 +533,7 @@ def finding_markdown(job: str, title: str, abl: dict[str, Any],
                      f"{_fmt(a.get('mean'))} | {interval} | {diff} | {p_holm} | {seeds} "
                      f"| {a.get('verdict', '-')} |")
     lines += _evidence_context(abl)
+    lines += ["", "## What this cannot show", "", *_limits(abl, spec, subject)]
     min_effect = abl.get("min_effect", config.ABLATION.min_effect)
     holm = " (Holm-corrected over the tested arms)" if abl.get("correction") == "holm" else ""
     lines += ["", "## Verdict", "",

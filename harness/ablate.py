@@ -600,6 +600,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     import torch
 
     started, t0 = datetime.now(UTC), time.monotonic()
+    commit = _git_commit()  # the code that runs: read now, not after a later commit
     run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, spec.task_dir or None, seed=0)
@@ -635,7 +636,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
                       "grid": {str(d): v for d, v in r.grid.items()}, "counts": r.counts,
                       "overlap": r.overlap, "curve": r.curve}
                      for r in sorted(results, key=lambda r: (r.arm_index, r.seed))],
-        "summary": summary, "git_commit": _git_commit(), "versions": _versions(),
+        "summary": summary, "git_commit": commit, "versions": _versions(),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"), "host": config.paths().host,
     }

@@ -26,7 +26,9 @@ def plot_accuracy(record: dict[str, Any], path: Path) -> None:
     arms = summary["arms"]
     held = [b for b in record["task"].get("buckets", [])
             if any(a["grid"][split][d].get(b) is not None for a in arms for d in a["grid"][split])]
-    buckets = ["all", *held]
+    buckets = ["all", *held] if len(held) > 1 else ["all"]  # one bucket is the same row as "all"
+    if bucket not in buckets:
+        buckets.append(bucket)
     never = set(summary.get("never_trained") or [])
     n = len(arms)
     fig = plt.figure(figsize=(max(12, 3.6 * n), 8.5))
@@ -55,16 +57,20 @@ def plot_accuracy(record: dict[str, Any], path: Path) -> None:
         depths = [int(d) for d in a["grid"][split]]
         ys = [_value(a["grid"][split][str(d)].get(bucket)) for d in depths]
         ax_depth.plot(depths, ys, marker="o", label=a["name"])
+    levels: dict[float, list[str]] = {}  # baselines at one level share one line and one label
     for name, cells in summary["baselines"].get(split, {}).items():
         v = cells.get(bucket)
         if v is not None:
-            ax_depth.axhline(v, ls=":", lw=1, color="grey")
-            ax_depth.text(1.01, v, name, transform=ax_depth.get_yaxis_transform(), fontsize=7, color="grey",
-                          va="center")
+            key = next((k for k in levels if abs(k - v) < 0.015), round(v, 3))
+            levels.setdefault(key, []).append(name)
+    for v, names in levels.items():
+        ax_depth.axhline(v, ls=":", lw=1, color="grey")
+        ax_depth.text(1.01, v, ", ".join(names), transform=ax_depth.get_yaxis_transform(), fontsize=7,
+                      color="grey", va="center")
     if cell.get("depth"):
         ax_depth.axvline(cell["depth"], color="red", lw=1, alpha=0.5)
     ax_depth.set(xscale="log", xlabel="test depth", ylabel=f"accuracy on {split} / {bucket}",
-                 title="primary bucket vs test depth (mean over seeds)", ylim=(-0.02, 1.02))
+                 title="primary bucket vs depth", ylim=(-0.02, 1.02))
     ax_depth.set_xticks(sorted({int(d) for a in arms for d in a["grid"][split]}))
     ax_depth.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_curve = fig.add_subplot(grid[1, 1:])

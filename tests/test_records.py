@@ -63,6 +63,8 @@ def test_finding_from_a_finished_ablation(lab: CliRunner, tmp_runs: Path) -> Non
     assert f"primary cell `{summary['primary']}`" in text and summary["verdict_line"] in text
     assert "not matched: params" in text and "Depth x difficulty on `test`" in text
     assert "as_deep_as_trained" in text and "Test lines found in the training stream: test 0/20" in text
+    limits = text.split("## What this cannot show", 1)[1].split("##", 1)[0]
+    assert "Not matched between the two arms: params" in limits and "One task (`khop`)" in limits
     assert "| model.n_layers |" in text  # the resolved config difference between the arms
     # The reproduce block is a spec the harness itself accepts, equal to the one that ran.
     toml_block = text.split("```toml\n", 1)[1].split("```", 1)[0]
