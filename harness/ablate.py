@@ -552,6 +552,10 @@ def _summarise(spec: AblationSpec, task: Task, configs: list[config.Config], siz
     overlap = {sp: {"lines": max(by[k].overlap[sp]["lines"] for k in by),
                     "in_train": max(by[k].overlap[sp]["in_train"] for k in by)} for sp in task.splits}
     deepest = task.deepest_trained(spec.train_max_difficulty)
+    never = [b for b, (lo, _) in task.buckets.items() if deepest is not None and lo > deepest]
+    held = {b for r in results for b, n in r.counts.get(cell.split, {}).items() if n and b != "all"}
+    # the cell measures extrapolation when every answer in it is deeper than training went
+    extrapolation = cell.bucket in never if cell.bucket != "all" else bool(held) and held <= set(never)
     summary = {"verdict": verdict, "primary": str(cell), "primary_cell": dataclasses.asdict(cell),
                "baseline": spec.baseline, "confidence": conf, "min_effect": min_effect,
                "correction": "holm" if len(tested) > 1 else "none", "tested_arms": len(tested),
@@ -559,8 +563,7 @@ def _summarise(spec: AblationSpec, task: Task, configs: list[config.Config], siz
                "best_trivial": {"name": best, "value": known[best]} if best else None,
                "references": references,
                "deepest_trained": deepest,
-               "never_trained": [b for b, (lo, _) in task.buckets.items()
-                                 if deepest is not None and lo > deepest],
+               "never_trained": never, "extrapolation": extrapolation,
                "overlap": overlap, "arms": arms, "baselines": baselines}
     summary["verdict_line"] = verdict_line(summary)
     return summary
@@ -585,7 +588,7 @@ def verdict_line(summary: dict[str, Any]) -> str:
     if winner is not None and best and winner["mean"] is not None and winner["mean"] <= best["value"]:
         text += (f"; the winner does not clear the trivial baseline {best['name']} "
                  f"({_pct(best['value'])}): a shortcut, not reasoning")
-    for name, value in (summary.get("references") or {}).items():
+    for name, value in (summary.get("references") or {}).items() if summary.get("extrapolation") else ():
         if winner is not None and winner["mean"] is not None and winner["mean"] <= value:
             text += f"; the winner does not beat the reference {name} ({_pct(value)})"
     unmatched = [a for a, m in (subject.get("matching") or {}).items() if not m["matched"]]

@@ -196,9 +196,13 @@ def _fake_results(spec, primary_by_arm):
             depth = arm.n_steps
             grid = {depth: {sp: {c: 0.5 for c in ("all", *task.buckets)} for sp in task.splits}}
             grid[depth][spec.cell.split][spec.cell.bucket] = primary_by_arm[arm.name][j]
+            def held_in(sp: str, b: str) -> int:  # khop: `test` holds k = 1..3, hopsK holds k
+                return int(sp == "test" and b in "123" or sp == f"hops{b}")
+
+            held = {sp: {"all": 1, **{b: held_in(sp, b) for b in task.buckets}} for sp in task.splits}
             out.append(WorkResult(arm_index=i, seed=seed, steps=1, wall_s=0.0, cpu_s=0.0, final_loss=1.0,
-                                  curve=[], grid=grid, overlap={sp: {"lines": 1, "in_train": 0}
-                                                                for sp in task.splits}))
+                                  curve=[], grid=grid, counts=held,
+                                  overlap={sp: {"lines": 1, "in_train": 0} for sp in task.splits}))
     return out
 
 
@@ -228,6 +232,10 @@ def test_holm_correction_and_the_verdict_line():
     assert s["verdict_line"].startswith("better on hops3 (loop 0.703 vs flat-1 0.603, paired +0.100")
     assert "Holm p" in s["verdict_line"] and "not matched: params" in s["verdict_line"]
     assert "shortcut" not in s["verdict_line"]  # as_deep_as_trained (1.0) is a reference, not trivial
+    assert "reference" not in s["verdict_line"] and not s["extrapolation"]  # hops3 was trained
+    deep = _summary(parse_spec(_with(arms=arms, primary="hops4")), values, one_hop=0.25)
+    assert deep["extrapolation"] and deep["never_trained"] == ["4", "6"]
+    assert "does not beat the reference as_deep_as_trained (1.000)" in deep["verdict_line"]
     # the same win, but the task's one-hop shortcut scores more than the winner
     shortcut = _summary(spec, values, one_hop=0.9)
     flagged = "does not clear the trivial baseline one_hop (0.900): a shortcut, not reasoning"
