@@ -369,13 +369,15 @@ def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
 
     Example: LAB_DB=queue.db LAB_RUNS=runs lab daemon --cpu-workers 2
     """
+    from bridge import github
     from daemon.scheduler import run_daemon
 
     chosen = tuple(x.strip() for x in lanes.split(",") if x.strip())
     bad = [x for x in chosen if x not in ("gpu", "cpu")]
     if bad or not chosen:
         raise BadInput(f"--lanes: {lanes!r} must name gpu and/or cpu")
-    run_daemon(chosen, cpu_workers)
+    # the scheduler and the GitHub bridge side by side (it polls when GITHUB_TOKEN is set)
+    run_daemon(chosen, cpu_workers, companion=lambda db, say: github.maybe_start(db, say=say))
     if as_json:
         emit({"stopped": True}, True)
 
@@ -401,9 +403,9 @@ def submit_cmd(kind: str, lane: str | None, sets: tuple[str, ...], after: str | 
     Example: lab submit sleep --lane cpu --set seconds=2 --json
     """
     from config import parse_assignments
-    from daemon import queue
+    from daemon import service
 
-    job = queue.submit(kind, parse_assignments(sets), lane=lane, after=_int_or_none(after, "--after"),
+    job = service.submit(kind, parse_assignments(sets), lane=lane, after=_int_or_none(after, "--after"),
                        priority=priority, timeout_s=timeout_s, issue=issue,
                        earned_by=_int_or_none(earned_by, "--earned-by"), force=force, reason=reason,
                        host=host)
@@ -418,9 +420,9 @@ def status_cmd(as_json: bool) -> None:
 
     Example: lab status --json
     """
-    from daemon import queue
+    from daemon import service
 
-    emit(queue.status(), as_json, _status_text)
+    emit(service.status(), as_json, _status_text)
 
 
 @main.command("show")
@@ -432,9 +434,9 @@ def show_cmd(job_id: int, as_json: bool) -> None:
 
     Example: lab show 12 --json
     """
-    from daemon import queue
+    from daemon import service
 
-    emit(queue.show(job_id, events=True), as_json, _job_text)
+    emit(service.show(job_id, events=True), as_json, _job_text)
 
 
 @main.command("logs")
@@ -449,20 +451,20 @@ def logs_cmd(job_id: int, follow: bool, as_json: bool) -> None:
     import time as _time
 
     import config as _config
-    from daemon import queue
-    from daemon.store import FINAL
+    from daemon import service
+    from store import FINAL
 
-    store = queue.open_store()
-    job = queue.show(job_id, store)
+    store = service.open_store()
+    job = service.show(job_id, store)
     if as_json:
-        path = queue.log_path(job)
+        path = service.log_path(job)
         text = path.read_text(errors="replace") if path and path.exists() else ""
         emit({"id": job_id, "host": job["host"], "path": str(path) if path else None, "log": text}, True)
         return
     pos = 0
     while True:
-        job = queue.show(job_id, store)
-        path = queue.log_path(job)
+        job = service.show(job_id, store)
+        path = service.log_path(job)
         if path is not None and path.exists():
             with open(path, "rb") as f:
                 f.seek(pos)
@@ -489,10 +491,10 @@ def cancel_cmd(job_id: int, reason: str, as_json: bool) -> None:
 
     Example: lab cancel 12
     """
-    from daemon import queue
-    from daemon.store import StateError
+    from daemon import service
+    from store import StateError
 
-    store = queue.open_store()
+    store = service.open_store()
     try:
         now_status = store.cancel(job_id, reason)
     except StateError as e:
@@ -509,15 +511,15 @@ def retry_cmd(job_id: int, as_json: bool) -> None:
 
     Example: lab retry 12
     """
-    from daemon import queue
-    from daemon.store import StateError
+    from daemon import service
+    from store import StateError
 
-    store = queue.open_store()
+    store = service.open_store()
     try:
         new = store.retry(job_id)
     except StateError as e:
         raise BadInput(str(e)) from None
-    emit(queue.show(job_id, store), as_json, f"job {job_id}: {new}")
+    emit(service.show(job_id, store), as_json, f"job {job_id}: {new}")
 
 
 @main.command("wait")
@@ -530,13 +532,13 @@ def wait_cmd(job_id: int, timeout_s: float | None, as_json: bool) -> None:
 
     Example: lab wait 12 --timeout 600 --json
     """
-    from daemon import queue
+    from daemon import service
 
     try:
-        job = queue.wait(job_id, timeout_s)
-    except queue.WaitTimeout as e:
+        job = service.wait(job_id, timeout_s)
+    except service.WaitTimeout as e:
         if as_json:
-            emit({**queue.show(job_id), "timed_out": True}, True)
+            emit({**service.show(job_id), "timed_out": True}, True)
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_TIMEOUT)
     emit(job, as_json, _job_text)
@@ -551,7 +553,7 @@ def kinds_cmd(as_json: bool) -> None:
 
     Example: lab kinds --json
     """
-    from daemon import queue
+    from daemon import service
 
     def text(ks: list[dict[str, Any]]) -> str:
         out = []
@@ -563,10 +565,10 @@ def kinds_cmd(as_json: bool) -> None:
             out += [f"    {f['name']}: {f['type']} = {f['default']!r}" for f in k["fields"]]
         return "\n".join(out)
 
-    emit(queue.kinds(), as_json, text)
+    emit(service.kinds(), as_json, text)
 
 
-# --- GitHub commands (daemon/github.py) -------------------------------------------------------
+# --- GitHub commands (bridge/github.py) -------------------------------------------------------
 
 
 def _sync_text(s: dict[str, Any]) -> str:
@@ -599,7 +601,7 @@ def github_sync_cmd(once: bool, as_json: bool) -> None:
 
     Example: GITHUB_TOKEN=... GITHUB_REPOSITORY=me/lab lab github sync --once --json
     """
-    from daemon import github
+    from bridge import github
 
     try:
         summary = github.sync_once()
@@ -620,7 +622,7 @@ def labels_sync_cmd(as_json: bool) -> None:
 
     Example: lab labels sync --json
     """
-    from daemon import github
+    from bridge import github
 
     try:
         done = github.sync_labels()
@@ -629,13 +631,13 @@ def labels_sync_cmd(as_json: bool) -> None:
     emit(done, as_json, lambda d: "\n".join(f"{x['label']:<14} #{x['color']}  {x['action']}" for x in d))
 
 
-# --- records, storage and guardrail commands (daemon/records.py, jobs/archive) ----------------
+# --- records, storage and guardrail commands (records/, jobs/archive) -------------------------
 
 
 def _record_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a records/archive function; a refusal (no verdict, duplicate, failed verify) exits 1."""
-    from daemon.archive import ArchiveError
-    from daemon.records import RecordError
+    from records import RecordError
+    from records.archive import ArchiveError
 
     try:
         return fn(*args, **kwargs)
@@ -657,7 +659,7 @@ def finding_cmd(job: str, title: str, supersedes: str | None, as_json: bool) -> 
 
     Example: lab finding 12 --title "A 4-pass refiner beats a 1-layer flat model on khop"
     """
-    from daemon import records
+    import records
 
     out = _record_call(records.write_finding, job, title, supersedes)
     emit(out, as_json, lambda f: f"wrote {f['path']} (verdict {f['verdict']})")
@@ -673,7 +675,7 @@ def register_cmd(job: str, name: str, as_json: bool) -> None:
 
     Example: lab register 14 --name refiner-k4-v1
     """
-    from daemon import records
+    import records
 
     out = _record_call(records.write_card, job, name)
     emit(out, as_json, lambda c: f"wrote {c['path']} ({c['params']:,} parameters, sha256 {c['sha256'][:12]})")
@@ -686,7 +688,7 @@ def registry_cmd(as_json: bool) -> None:
 
     Example: lab registry --json
     """
-    from daemon import records
+    import records
 
     cards = records.list_cards()
     emit(cards, as_json, records.cards_table)
@@ -699,7 +701,7 @@ def runs_cmd(as_json: bool) -> None:
 
     Example: lab runs --json
     """
-    from daemon import records
+    import records
 
     emit(records.list_runs(), as_json, records.runs_table)
 
@@ -716,7 +718,7 @@ def archive_cmd(runs: tuple[str, ...], older_than: float | None, as_json: bool) 
 
     Example: lab archive 12 13 --json
     """
-    from daemon import records
+    import records
 
     if not runs and older_than is None:
         raise BadInput("archive: name runs, or give --older-than DAYS")
@@ -743,7 +745,7 @@ def restore_cmd(run: str, as_json: bool) -> None:
 
     Example: lab restore 12 --json
     """
-    from daemon import archive
+    from records import archive
 
     out = _record_call(archive.restore_run, run)
     emit(out, as_json, lambda r: f"restored {r['run']}: {r['files']} files, {r['bytes']} B -> {r['path']}")
@@ -769,7 +771,7 @@ def service_print_cmd(user: str | None, env_file: str | None, workdir: str | Non
 
     Example: lab service print > ~/.config/systemd/user/lab.service
     """
-    from daemon.service import unit_text
+    from daemon.systemd import unit_text
 
     text = unit_text(workdir=workdir, env_file=env_file, user=user, cpu_workers=cpu_workers)
     emit({"unit": text}, as_json, text.rstrip("\n"))

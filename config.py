@@ -437,7 +437,7 @@ class QueueConfig(_Validated):
     # come faster than one process warms up.
     standby_gpu: int = _f(3, 0, 16)
     standby_cpu: int = _f(1, 0, 16)
-    # The GitHub bridge (daemon/github.py); each can be overridden by LAB_GITHUB_<NAME> (upper case).
+    # The GitHub bridge (bridge/github.py); each can be overridden by LAB_QUEUE_<FIELD> (upper case).
     github_timeout_seconds: int = _f(15, 1, 300, "per request; a POST that times out is ambiguous")
     github_backoff_seconds: float = _f(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")
     github_backoff_max_seconds: float = _f(900.0, 0.0, 86_400.0)

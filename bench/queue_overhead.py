@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon.store import FINAL, Store  # noqa: E402
+from store import FINAL, Store  # noqa: E402
 
 FAST = {"LAB_QUEUE_POLL_SECONDS": "0.5", "LAB_QUEUE_DISK_MIN_FREE_GB": "0"}
 
@@ -121,7 +121,7 @@ def main() -> None:
             env.pop("LAB_BROKER", None)
         (tmp / "runs").mkdir()
         if args.db:  # never on a live queue: the bench's daemon would run its jobs (and it on them)
-            from daemon.store import ACTIVE
+            from store import ACTIVE
 
             busy = Store(args.db).list_jobs(ACTIVE, limit=1)
             if busy:

@@ -1,7 +1,7 @@
 """`lab mcp`: the queue as MCP tools over stdio, so an agent uses it without parsing text.
 
 Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, and kinds (what
-each kind's spec accepts). They call the same functions as the CLI (daemon.queue, the store), so
+each kind's spec accepts). They call the same functions as the CLI (daemon/service.py, the store), so
 validation, the earned-run gate and the errors are the CLI's; a bad input comes back as a tool
 error whose text names the field, and nothing is queued. Jobs submitted here are recorded with
 source "mcp". There is deliberately no tool that trains in the foreground: work goes through the
@@ -32,7 +32,7 @@ with verdict `better` (or force=true with a reason)."""
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """The queue's own errors (bad spec, unknown job, wrong state) become tool errors the agent reads."""
-    from daemon.store import StateError
+    from store import StateError
 
     try:
         return fn(*args, **kwargs)
@@ -55,25 +55,25 @@ def submit(
     issue: Annotated[int | None, Field(description="GitHub issue the result is posted to")] = None,
 ) -> dict[str, Any]:
     """Queue a job (validated like `lab submit`); returns the job as `show` does."""
-    from daemon import queue
+    from daemon import service
 
-    return _call(queue.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
+    return _call(service.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
                  timeout_s=timeout_s, issue=issue, earned_by=earned_by, force=force, reason=reason,
                  source="mcp")
 
 
 def status() -> dict[str, Any]:
     """Both lanes (running, queued, blocked, paused), recent jobs, whether a daemon is alive, disk."""
-    from daemon import queue
+    from daemon import service
 
-    return _call(queue.status)
+    return _call(service.status)
 
 
 def show(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
     """One job: kind, lane, status, spec, times (ISO 8601 UTC), attempts, exit code, error, result."""
-    from daemon import queue
+    from daemon import service
 
-    return _call(queue.show, job_id)
+    return _call(service.show, job_id)
 
 
 def wait(
@@ -82,12 +82,12 @@ def wait(
                                       gt=0, le=MAX_WAIT_SECONDS)] = 300.0,
 ) -> dict[str, Any]:
     """Block until the job ends or timeout_s passes; returns the job plus `timed_out`."""
-    from daemon import queue
+    from daemon import service
 
     try:
-        job = _call(queue.wait, job_id, timeout_s)
-    except queue.WaitTimeout:
-        return {**_call(queue.show, job_id), "timed_out": True}
+        job = _call(service.wait, job_id, timeout_s)
+    except service.WaitTimeout:
+        return {**_call(service.show, job_id), "timed_out": True}
     return {**job, "timed_out": False}
 
 
@@ -96,10 +96,10 @@ def logs(
     tail_lines: Annotated[int, Field(description="Last N lines", ge=1, le=MAX_LOG_LINES)] = 200,
 ) -> dict[str, Any]:
     """The last lines of a job's log (runs/<id>/log.txt on the host that ran it)."""
-    from daemon import queue
+    from daemon import service
 
-    job = _call(queue.show, job_id)
-    path = queue.log_path(job)
+    job = _call(service.show, job_id)
+    path = service.log_path(job)
     text = path.read_text(errors="replace") if path is not None and path.exists() else ""
     lines = text.splitlines()
     return {"id": job_id, "status": job["status"], "host": job.get("host"),
@@ -112,17 +112,17 @@ def cancel(
     reason: Annotated[str, Field(description="Recorded with the job")] = "cancelled by agent",
 ) -> dict[str, Any]:
     """Cancel a job: a waiting one at once, a running one by killing its process group."""
-    from daemon import queue
+    from daemon import service
 
-    now = _call(queue.open_store().cancel, job_id, reason)
+    now = _call(service.open_store().cancel, job_id, reason)
     return {"id": job_id, "status": now, "cancel_requested": now == "running"}
 
 
 def kinds() -> list[dict[str, Any]]:
     """Job kinds, their lanes and spec fields (name, type, default, doc)."""
-    from daemon import queue
+    from daemon import service
 
-    return _call(queue.kinds)
+    return _call(service.kinds)
 
 
 TOOLS = (submit, status, show, wait, logs, cancel, kinds)

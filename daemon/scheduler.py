@@ -36,15 +36,16 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from huey import RedisHuey, SqliteHuey
 from huey.api import Huey
 from huey.consumer import Consumer
 
 import config
-from daemon.store import Store, db_url
+from store import Store, db_url
 from workers.supervise import ProcessPool, run_job
 
 log = logging.getLogger("lab.daemon")
@@ -86,11 +87,21 @@ def disk_status(runs: Path, q: config.QueueConfig) -> dict[str, Any]:
             "ok": ok, "reason": reason}
 
 
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+# Started beside the lanes with (db, say) and stopped first at shutdown; None means "not on".
+Companion = Callable[[str, Callable[[str], None]], Stoppable | None]
+
+
 class Daemon:
     def __init__(self, lanes: tuple[str, ...] = ("gpu", "cpu"), cpu_workers: int | None = None,
                  db: str | None = None, runs: str | None = None, host: str | None = None,
-                 broker: str | None = None):
+                 broker: str | None = None, companion: Companion | None = None):
         self.q = config.queue_config()
+        self.companion_factory = companion
+        self.companion: Any = None
         p = config.paths()
         self.lanes = lanes
         self.cpu_workers = cpu_workers or self.q.cpu_workers
@@ -138,9 +149,10 @@ class Daemon:
             self.pool.warm(lane)
         for c in self.consumers.values():
             c.start()
-        # --- GitHub bridge (daemon/github.py): polls when GITHUB_TOKEN and GITHUB_REPOSITORY are set
-        from daemon import github
-        self.github = github.maybe_start(self.db, say=lambda m: log.info("%s", m))
+        # Side by side with the lanes: the GitHub bridge, which `lab daemon` hands in (the
+        # scheduler does not import it; bridge/ sits above the daemon).
+        if self.companion_factory is not None:
+            self.companion = self.companion_factory(self.db, lambda m: log.info("%s", m))
         next_beat = next_sweep = 0.0
         while not self.stopping.is_set():
             t = time.monotonic()
@@ -239,8 +251,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         log.info("daemon %s: stopping; running jobs get %.0f s to finish", self.id, self.q.shutdown_seconds)
-        if getattr(self, "github", None) is not None:  # --- GitHub bridge: stop polling first
-            self.github.stop()
+        if self.companion is not None:  # the bridge stops polling first
+            self.companion.stop()
         with self.lock:
             self.stop_deadline = time.monotonic() + self.q.shutdown_seconds
             for h in self.hueys.values():
@@ -261,7 +273,7 @@ class Daemon:
         log.info("daemon %s: stopped (%d job(s) still active)", self.id, len(self.active))
 
 
-def run_daemon(lanes: tuple[str, ...], cpu_workers: int | None) -> None:
+def run_daemon(lanes: tuple[str, ...], cpu_workers: int | None, companion: Companion | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("huey").setLevel(logging.WARNING)
-    Daemon(lanes=lanes, cpu_workers=cpu_workers).run()
+    Daemon(lanes=lanes, cpu_workers=cpu_workers, companion=companion).run()

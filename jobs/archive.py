@@ -33,7 +33,7 @@ class Spec(_Validated):
 
 
 def run(spec: Spec, ctx: Any) -> dict[str, Any]:
-    from daemon import records
+    import records
 
     older = spec.older_than_days if spec.older_than_days >= 0 else None
     # Never archive the directory this job is writing its own log into.

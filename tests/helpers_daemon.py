@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from daemon.store import FINAL, Store
+from store import FINAL, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

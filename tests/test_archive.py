@@ -14,9 +14,10 @@ from click.testing import CliRunner
 
 import config
 import jobs
+import records
 from cli import main
-from daemon import archive, records
 from jobs.context import LocalContext
+from records import archive
 
 
 @pytest.fixture
@@ -115,10 +116,10 @@ def age(path: Path, days: float) -> None:
 
 
 def test_archive_job_takes_old_finished_runs_only(tmp_runs: Path, run: str, trained_run: Path) -> None:
-    from daemon import queue
+    from daemon import service
 
     # Job 1 waits in the queue: its (old) run directory must stay hot.
-    job = queue.submit("sleep", {"seconds": 0.1}, lane="cpu")
+    job = service.submit("sleep", {"seconds": 0.1}, lane="cpu")
     shutil.copytree(trained_run, tmp_runs / str(job["id"]))
     shutil.copytree(trained_run, tmp_runs / "train-recent")
     shutil.copytree(trained_run.parent / "data", tmp_runs / "data")

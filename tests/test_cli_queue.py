@@ -14,8 +14,8 @@ from helpers_daemon import queue_env, set_env
 
 import jobs
 from cli import main
-from daemon import queue
-from daemon.store import Store
+from daemon import service
+from store import Store
 
 
 @pytest.fixture
@@ -155,18 +155,18 @@ def test_rtx2060_gate(store: Store) -> None:
     lost = _ablation(store, "succeeded", "inconclusive")
     crashed = _ablation(store, "failed", "better")
     spec = {"preset": "rtx2060"}
-    with pytest.raises(queue.GateError, match="--earned-by: a train job with preset rtx2060"):
-        queue.check_gate(store, "train", "gpu", spec, None, False, None)
-    with pytest.raises(queue.GateError, match="verdict 'inconclusive'"):
-        queue.check_gate(store, "train", "gpu", spec, lost, False, None)
-    with pytest.raises(queue.GateError, match="is failed, not succeeded"):
-        queue.check_gate(store, "train", "gpu", spec, crashed, False, None)
-    with pytest.raises(queue.GateError, match="needs --reason"):
-        queue.check_gate(store, "train", "gpu", spec, None, True, "  ")
-    queue.check_gate(store, "train", "gpu", spec, won, False, None)
-    queue.check_gate(store, "train", "gpu", spec, None, True, "baseline run for the paper")
-    queue.check_gate(store, "train", "cpu", spec, None, False, None)  # only the GPU lane is gated
-    queue.check_gate(store, "train", "gpu", {"preset": "tiny"}, None, False, None)
+    with pytest.raises(service.GateError, match="--earned-by: a train job with preset rtx2060"):
+        service.check_gate(store, "train", "gpu", spec, None, False, None)
+    with pytest.raises(service.GateError, match="verdict 'inconclusive'"):
+        service.check_gate(store, "train", "gpu", spec, lost, False, None)
+    with pytest.raises(service.GateError, match="is failed, not succeeded"):
+        service.check_gate(store, "train", "gpu", spec, crashed, False, None)
+    with pytest.raises(service.GateError, match="needs --reason"):
+        service.check_gate(store, "train", "gpu", spec, None, True, "  ")
+    service.check_gate(store, "train", "gpu", spec, won, False, None)
+    service.check_gate(store, "train", "gpu", spec, None, True, "baseline run for the paper")
+    service.check_gate(store, "train", "cpu", spec, None, False, None)  # only the GPU lane is gated
+    service.check_gate(store, "train", "gpu", {"preset": "tiny"}, None, False, None)
 
 
 def test_rtx2060_gate_through_submit(store: Store) -> None:

@@ -19,9 +19,9 @@ from github_server import FAULT_KINDS, FakeGitHub
 from helpers_daemon import ROOT, lab, queue_env, start_daemon, stop_daemon, wait_for
 from sqlalchemy import text
 
-from daemon import github, render
-from daemon.outbox import Outbox
-from daemon.store import FINAL, Store
+from bridge import github, render
+from bridge.outbox import Outbox
+from store import FINAL, Store
 
 TOKEN = "ghp_TESTtoken0123456789abcdefSECRET"
 FAST_GITHUB = {

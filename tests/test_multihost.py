@@ -43,8 +43,8 @@ from helpers_daemon import (
     wait_jobs,
 )
 
-from daemon import queue
-from daemon.store import Store
+from daemon import service
+from store import Store
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,7 +70,7 @@ class Cluster:
         wait_for(up, 30, f"daemons on {', '.join(hosts)} to heartbeat")
 
     def submit(self, lane: str, seconds: float, host: str | None = None) -> int:
-        return queue.submit("sleep", {"seconds": seconds}, lane=lane, host=host, store=self.store)["id"]
+        return service.submit("sleep", {"seconds": seconds}, lane=lane, host=host, store=self.store)["id"]
 
     def job_running_on_a(self, seconds: float) -> tuple[subprocess.Popen, dict[str, Any]]:
         """hostA (GPU lane only) claims and starts a `seconds` sleep job; hostB is up beside it
@@ -226,9 +226,9 @@ def test_host_death_requeues_its_job_to_the_other_host(cluster: Cluster) -> None
 
 HOLD_ROLE = """
 import sys, time
-from daemon.outbox import Outbox
-from daemon.store import Store
-from daemon.github import LEASE_ROLE
+from bridge.outbox import Outbox
+from store import Store
+from bridge.github import LEASE_ROLE
 outbox = Outbox(Store(sys.argv[1]))
 while True:  # renew like the bridge does each cycle
     if outbox.acquire_lease(LEASE_ROLE, "hostA:bridge", float(sys.argv[2]), host="hostA"):
@@ -238,8 +238,8 @@ while True:  # renew like the bridge does each cycle
 
 
 def test_bridge_role_moves_when_its_host_dies(cluster: Cluster) -> None:
-    from daemon.github import LEASE_ROLE
-    from daemon.outbox import Outbox
+    from bridge.github import LEASE_ROLE
+    from bridge.outbox import Outbox
 
     ttl = 1.5
     holder = subprocess.Popen([sys.executable, "-c", HOLD_ROLE, cluster.url, str(ttl)], cwd=ROOT,

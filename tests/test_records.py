@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 import config
+import records
 from cli import main
-from daemon import archive, records
+from records import archive
 
 ABLATION = Path(__file__).parent / "data" / "ablation_khop_2x2.json"
 
@@ -166,12 +167,12 @@ def test_model_card_needs_a_training_run(lab: CliRunner, tmp_runs: Path) -> None
 
 
 def test_runs_listing(lab: CliRunner, tmp_runs: Path, trained_run: Path) -> None:
-    from daemon import queue
+    from daemon import service
 
     raw = ablation_run(tmp_runs, "21")
     shutil.copytree(trained_run, tmp_runs / "train-20261125-120000-abcdef")
     shutil.copytree(trained_run.parent / "data", tmp_runs / "data")
-    job = queue.submit("sleep", {"seconds": 1}, lane="cpu")  # a queued job with an empty run dir
+    job = service.submit("sleep", {"seconds": 1}, lane="cpu")  # a queued job with an empty run dir
     (tmp_runs / str(job["id"])).mkdir()
 
     rows = {r["run"]: r for r in json.loads(invoke(lab, "runs", "--json")[1])}

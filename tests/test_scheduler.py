@@ -27,8 +27,8 @@ from helpers_daemon import (
     wait_jobs,
 )
 
-from daemon import queue
-from daemon.store import Store
+from daemon import service
+from store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,7 +61,7 @@ def daemons():
 
 def sleep_job(lane: str, seconds: float, **kw) -> int:
     extra = kw.pop("spec", {})
-    return queue.submit("sleep", {"seconds": seconds, **extra}, lane=lane, **kw)["id"]
+    return service.submit("sleep", {"seconds": seconds, **extra}, lane=lane, **kw)["id"]
 
 
 def test_gpu_jobs_never_overlap_while_cpu_jobs_do(env, daemons) -> None:

@@ -1,4 +1,4 @@
-"""daemon/store.py on a real SQLite file: claims, guarded transitions, leases, dependencies."""
+"""store.py on a real SQLite file: claims, guarded transitions, leases, dependencies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers_daemon import fresh_postgres
 
-from daemon.store import StateError, Store, db_url, public
+from store import StateError, Store, db_url, public
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers_daemon import pid_alive, queue_env, set_env, wait_for
 
-from daemon.store import Store
+from store import Store
 from workers import gpu_lock
 from workers.supervise import describe_exit, run_job
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import config
 import jobs
-from daemon.store import Store, iso
+from store import Store, iso
 from workers import gpu_lock
 
 

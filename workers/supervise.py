@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from daemon.store import Store
+from store import Store
 
 
 def group_members(pgid: int) -> list[int]:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from daemon.store import iso
+from store import iso
 
 COMMENT_LIMIT = 65_536
 LOG_TAIL_LINES = 60

@@ -46,10 +46,10 @@ from typing import Any
 
 import config
 import jobs as job_kinds
+from bridge import render
+from bridge.outbox import Outbox
 from config import ConfigError
-from daemon import render
-from daemon.outbox import Outbox
-from daemon.store import ACTIVE, FINAL, Store
+from store import ACTIVE, FINAL, Store
 
 log = logging.getLogger("lab.github")
 
@@ -677,9 +677,9 @@ class Bridge:
                 field.lstrip("-"), problem or str(e), _fix_for(field, problem, spec.kind)))
 
     def _submit(self, run_id: int, n: int, spec: IssueSpec, after: int | None, blocked: bool) -> int:
-        from daemon import queue
+        from daemon import service
 
-        job = queue.submit(spec.kind, spec.spec, lane=spec.lane, after=after, issue=n,
+        job = service.submit(spec.kind, spec.spec, lane=spec.lane, after=after, issue=n,
                            earned_by=spec.earned_by, source="github", store=self.store,
                            held=f"issue #{n} has the `blocked` label" if blocked else None)
         job_id = int(job["id"])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from daemon import archive
+from records import archive
 
 FRONT = "---"
 # Directories under LAB_RUNS that are not runs (token datasets live in runs/data).
@@ -164,7 +164,7 @@ def _job_rows(ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         return {}
     from sqlalchemy.exc import SQLAlchemyError
 
-    from daemon import store
+    import store
 
     st = store.Store(db, create=False)
     try:

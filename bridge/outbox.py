@@ -6,14 +6,14 @@ means (`status:17`, `result:17`, `labels:12`, `invalid:12:ab12...`), so asking t
 comment updates one row instead of adding a second; that is what makes "exactly once" a SQL
 query (`SELECT job_id, count(*) FROM lab_outbox WHERE kind = 'result' GROUP BY job_id`).
 
-Sending (daemon/github.py) counts the attempt BEFORE the request goes out: a process killed
+Sending (bridge/github.py) counts the attempt BEFORE the request goes out: a process killed
 mid-POST leaves `attempts > 0` and no comment id, and the next sender then looks for the row's
 marker among the issue's comments before posting again.
 
 The other tables: `lab_github_runs` ((issue, spec hash) -> job: what was enqueued and why),
 `lab_github_issues` (per-issue cursors), `lab_github_state` (the issue list's ETag and
 watermark, a pause after a rate limit) and `lab_leases` (one bridge at a time). All are defined
-on `daemon.store.metadata`, so `Store.create_tables()` creates them.
+on `store.metadata`, so `Store.create_tables()` creates them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from daemon.store import ACTIVE, Store, jobs, metadata, now
+from store import ACTIVE, Store, jobs, metadata, now
 
 outbox = Table(
     "lab_outbox", metadata,
@@ -75,7 +75,7 @@ runs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("issue", Integer, nullable=False, index=True),
     Column("spec_hash", String(64), nullable=False),
-    Column("job_id", Integer),  # None between "decided to run" and "submitted" (see adopt_pending)
+    Column("job_id", Integer),  # None between "decided to run" and "submitted" (see adopt_undecided)
     Column("reason", String(32), nullable=False),  # spec, rerun
     Column("actor", String(100)),
     Column("withdrawn", Boolean, nullable=False),  # cancelled by close/unlabel: a relabel runs it again
