@@ -455,11 +455,8 @@ def logs_cmd(job_id: int, follow: bool, as_json: bool) -> None:
     from store import FINAL
 
     store = service.open_store()
-    job = service.show(job_id, store)
     if as_json:
-        path = service.log_path(job)
-        text = path.read_text(errors="replace") if path and path.exists() else ""
-        emit({"id": job_id, "host": job["host"], "path": str(path) if path else None, "log": text}, True)
+        emit(service.logs(job_id, store=store), True)
         return
     pos = 0
     while True:
@@ -494,13 +491,12 @@ def cancel_cmd(job_id: int, reason: str, as_json: bool) -> None:
     from daemon import service
     from store import StateError
 
-    store = service.open_store()
     try:
-        now_status = store.cancel(job_id, reason)
+        out = service.cancel(job_id, reason)
     except StateError as e:
         raise BadInput(str(e)) from None
-    emit({"id": job_id, "status": now_status, "cancel_requested": now_status == "running"}, as_json,
-         f"job {job_id}: " + ("cancelled" if now_status == "cancelled" else "cancel requested (stopping)"))
+    emit(out, as_json, f"job {job_id}: " + ("cancelled" if out["status"] == "cancelled"
+                                            else "cancel requested (stopping)"))
 
 
 @main.command("retry")
@@ -514,12 +510,11 @@ def retry_cmd(job_id: int, as_json: bool) -> None:
     from daemon import service
     from store import StateError
 
-    store = service.open_store()
     try:
-        new = store.retry(job_id)
+        job = service.retry(job_id)
     except StateError as e:
         raise BadInput(str(e)) from None
-    emit(service.show(job_id, store), as_json, f"job {job_id}: {new}")
+    emit(job, as_json, f"job {job_id}: {job['status']}")
 
 
 @main.command("wait")

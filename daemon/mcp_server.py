@@ -1,7 +1,7 @@
 """`lab mcp`: the queue as MCP tools over stdio, so an agent uses it without parsing text.
 
-Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, and kinds (what
-each kind's spec accepts). They call the same functions as the CLI (daemon/service.py, the store), so
+Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, retry, and kinds
+(what each kind's spec accepts). They call the service layer (daemon/service.py) as the CLI does, so
 validation, the earned-run gate and the errors are the CLI's; a bad input comes back as a tool
 error whose text names the field, and nothing is queued. Jobs submitted here are recorded with
 source "mcp". There is deliberately no tool that trains in the foreground: work goes through the
@@ -24,10 +24,10 @@ MAX_WAIT_SECONDS = 3600.0
 MAX_LOG_LINES = 2000
 
 INSTRUCTIONS = """The reasoning-lab job queue. Submit work with `submit` (kind + spec, validated the same
-way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`; `status` shows both
-lanes and the daemon; `kinds` lists each kind's spec fields. Training and GPU work only ever run through
-this queue. A `train` job with preset rtx2060 on the gpu lane needs `earned_by` = a succeeded ablation
-with verdict `better` (or force=true with a reason)."""
+way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`, requeue a failed
+or cancelled one with `retry`; `status` shows both lanes and the daemon; `kinds` lists each kind's spec
+fields. Training and GPU work only ever run through this queue. A `train` job with preset rtx2060 on the
+gpu lane needs `earned_by` = a succeeded ablation with verdict `better` (or force=true with a reason)."""
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -98,13 +98,7 @@ def logs(
     """The last lines of a job's log (runs/<id>/log.txt on the host that ran it)."""
     from daemon import service
 
-    job = _call(service.show, job_id)
-    path = service.log_path(job)
-    text = path.read_text(errors="replace") if path is not None and path.exists() else ""
-    lines = text.splitlines()
-    return {"id": job_id, "status": job["status"], "host": job.get("host"),
-            "path": str(path) if path else None, "lines": len(lines),
-            "log": "\n".join(lines[-tail_lines:])}
+    return _call(service.logs, job_id, tail_lines)
 
 
 def cancel(
@@ -114,8 +108,14 @@ def cancel(
     """Cancel a job: a waiting one at once, a running one by killing its process group."""
     from daemon import service
 
-    now = _call(service.open_store().cancel, job_id, reason)
-    return {"id": job_id, "status": now, "cancel_requested": now == "running"}
+    return _call(service.cancel, job_id, reason)
+
+
+def retry(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
+    """Put a failed or cancelled job back in the queue (attempts from zero); returns it as show does."""
+    from daemon import service
+
+    return _call(service.retry, job_id)
 
 
 def kinds() -> list[dict[str, Any]]:
@@ -125,7 +125,7 @@ def kinds() -> list[dict[str, Any]]:
     return _call(service.kinds)
 
 
-TOOLS = (submit, status, show, wait, logs, cancel, kinds)
+TOOLS = (submit, status, show, wait, logs, cancel, retry, kinds)
 
 
 def build_server() -> MCPServer:

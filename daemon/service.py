@@ -219,3 +219,30 @@ def kinds() -> list[dict[str, Any]]:
 
 def log_path(job: dict[str, Any]) -> Path | None:
     return Path(job["run_dir"]) / "log.txt" if job.get("run_dir") else None
+
+
+def logs(job_id: int, tail_lines: int | None = None, store: Store | None = None) -> dict[str, Any]:
+    """A job's log as the adapters return it: id, status, host, path, line count and the text
+    (its last `tail_lines` lines when given). A job that ran on another host has its log there."""
+    job = show(job_id, store)
+    path = log_path(job)
+    text = path.read_text(errors="replace") if path is not None and path.exists() else ""
+    lines = text.splitlines()
+    if tail_lines is not None:
+        text = "\n".join(lines[-tail_lines:])
+    return {"id": job_id, "status": job["status"], "host": job.get("host"),
+            "path": str(path) if path else None, "lines": len(lines), "log": text}
+
+
+def cancel(job_id: int, reason: str, store: Store | None = None) -> dict[str, Any]:
+    """Cancel a job: a waiting one at once, a running one by a request its supervisor acts on
+    (SIGTERM to the process group, grace, SIGKILL). StateError for a job that already ended."""
+    now = (store or open_store()).cancel(job_id, reason)
+    return {"id": job_id, "status": now, "cancel_requested": now == "running"}
+
+
+def retry(job_id: int, store: Store | None = None) -> dict[str, Any]:
+    """Put a failed or cancelled job back in the queue (attempts from zero); the job as `show`."""
+    store = store or open_store()
+    store.retry(job_id)
+    return show(job_id, store)

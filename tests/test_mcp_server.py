@@ -18,7 +18,7 @@ import config
 
 pytestmark = pytest.mark.timeout(120)
 LAB = str(Path(sys.executable).parent / "lab")
-TOOLS = {"submit", "status", "show", "wait", "logs", "cancel"}
+TOOLS = {"submit", "status", "show", "wait", "logs", "cancel", "retry", "kinds"}
 
 
 def server(env: dict[str, str]) -> StdioServerParameters:
@@ -60,6 +60,10 @@ def test_tools_without_a_daemon(tmp_path: Path) -> None:
             cancelled = await call(c, "cancel", job_id=job["id"], reason="changed my mind")
             assert cancelled == {"id": job["id"], "status": "cancelled", "cancel_requested": False}
             assert (await call(c, "show", job_id=job["id"]))["error"] == "changed my mind"
+            retried = await call(c, "retry", job_id=job["id"])  # the same shape as `lab retry --json`
+            assert (retried["id"], retried["status"], retried["attempts"]) == (job["id"], "queued", 0)
+            assert await call(c, "cancel", job_id=job["id"]) == {"id": job["id"], "status": "cancelled",
+                                                               "cancel_requested": False}
 
             # Bad input: a tool error naming the field, and nothing queued.
             for args, field in (({"kind": "sleep", "spec": {"secondz": 1}}, "sleep.secondz"),
