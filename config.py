@@ -43,11 +43,13 @@ def _meta(lo: float | None = None, hi: float | None = None, doc: str = "") -> di
     return {"min": lo, "max": hi, "doc": doc}
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+def setting(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with its allowed range [lo, hi] and a one-line doc (`lab kinds` shows it);
+    job Specs declare their fields with it too."""
     return field(default=default, metadata=_meta(lo, hi, doc))
 
 
-class _Validated:
+class Validated:
     """Mixin: every construction checks types, choices and ranges of all fields."""
 
     def __post_init__(self) -> None:
@@ -63,11 +65,11 @@ class _Validated:
         pass
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -82,14 +84,14 @@ def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
         inner = typing.get_args(tp)[0]
         return tuple(_check_value(owner, name, inner, v, meta) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
     lo, hi = (meta.get("min"), meta.get("max")) if meta else (None, None)
     if lo is not None and value < lo or hi is not None and value > hi:
         span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -102,39 +104,40 @@ def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Validated):
+class ModelConfig(Validated):
     arch: Literal["refiner", "reasoner"] = "refiner"
-    vocab_size: int = _f(TOKENIZER_VOCAB, 2, 1_000_000, "ids >= vocab_size fold into the last id")
-    block_size: int = _f(256, 8, 65_536, "context length in tokens")
-    d_model: int = _f(256, 8, 8192)
-    n_heads: int = _f(4, 1, 128)
-    mlp_hidden: int = _f(0, 0, 65_536, "SwiGLU hidden width; 0 means 8/3 * d_model rounded to 64")
-    n_prelude: int = _f(2, 0, 128, "refiner: causal blocks before the shared loop")
-    n_layers: int = _f(4, 1, 128, "reasoner: blocks it owns (the most it can apply)")
-    depth_min: int = _f(1, 1, 128, "training depth range (refiner: loop passes K; reasoner: layers)")
-    depth_max: int = _f(6, 1, 128)
-    depth_eval: int = _f(4, 1, 128, "depth at inference unless n_steps is given")
+    vocab_size: int = setting(TOKENIZER_VOCAB, 2, 1_000_000, "ids >= vocab_size fold into the last id")
+    block_size: int = setting(256, 8, 65_536, "context length in tokens")
+    d_model: int = setting(256, 8, 8192)
+    n_heads: int = setting(4, 1, 128)
+    mlp_hidden: int = setting(0, 0, 65_536, "SwiGLU hidden width; 0 means 8/3 * d_model rounded to 64")
+    n_prelude: int = setting(2, 0, 128, "refiner: causal blocks before the shared loop")
+    n_layers: int = setting(4, 1, 128, "reasoner: blocks it owns (the most it can apply)")
+    depth_min: int = setting(1, 1, 128, "training depth range (refiner: loop passes K; reasoner: layers)")
+    depth_max: int = setting(6, 1, 128)
+    depth_eval: int = setting(4, 1, 128, "depth at inference unless n_steps is given")
     depth_dist: Literal["uniform", "poisson"] = "uniform"
-    backprop_steps: int = _f(4, 1, 128, "refiner: gradients flow through the last N passes only")
+    backprop_steps: int = setting(4, 1, 128, "refiner: gradients flow through the last N passes only")
     activation_checkpointing: bool = False
-    rope_base: float = _f(10_000.0, 1.0, 1e9)
-    norm_eps: float = _f(1e-6, 0.0, 1.0)
-    gate_bias_init: float = _f(0.0, -10.0, 10.0, "refiner: sigmoid(bias) is the initial blend")
+    rope_base: float = setting(10_000.0, 1.0, 1e9)
+    norm_eps: float = setting(1e-6, 0.0, 1.0)
+    gate_bias_init: float = setting(0.0, -10.0, 10.0, "refiner: sigmoid(bias) is the initial blend")
     # Refiner design variants (models/refiner.py's docstring shows each); the defaults are the
     # seed design, so a config that names none of them builds exactly the original model.
-    update_rule: Literal["gated_residual", "gated_blend", "replace"] = _f(
+    update_rule: Literal["gated_residual", "gated_blend", "replace"] = setting(
         "gated_residual", doc="refiner: how a pass's output c = block(x) enters the state h")
-    time_signal: Literal["sinusoid", "none", "learned", "random_offset"] = _f(
+    time_signal: Literal["sinusoid", "none", "learned", "random_offset"] = setting(
         "sinusoid", doc="refiner: what tells a pass its index k")
-    time_offset_max: int = _f(8, 0, 1024, "refiner, random_offset: training pass indices start at U{0..this}")
-    init_state: Literal["zeros", "noise"] = _f("zeros", doc="refiner: the state h before the first pass")
-    state_noise_std: float = _f(0.02, 0.0, 100.0, "refiner, init_state=noise: h0 ~ N(0, this^2)")
-    init_scale_depth: Literal["depth_eval", "distinct_blocks"] = _f(
+    time_offset_max: int = setting(8, 0, 1024,
+                                   "refiner, random_offset: training pass indices start at U{0..this}")
+    init_state: Literal["zeros", "noise"] = setting("zeros", doc="refiner: the state h before the first pass")
+    state_noise_std: float = setting(0.02, 0.0, 100.0, "refiner, init_state=noise: h0 ~ N(0, this^2)")
+    init_scale_depth: Literal["depth_eval", "distinct_blocks"] = setting(
         "depth_eval", doc="refiner: output projections init as if n_prelude + depth_eval (or + 1) blocks")
-    progressive_loss_weight: float = _f(
+    progressive_loss_weight: float = setting(
         0.0, 0.0, 1.0, "refiner: weight w of Bansal et al.'s progressive loss; 0 turns it off")
-    init_std: float = _f(0.02, 0.0, 1.0)
-    loss_chunk_tokens: int = _f(2048, 16, 1 << 24, "rows of logits computed at once in the loss")
+    init_std: float = setting(0.02, 0.0, 1.0)
+    loss_chunk_tokens: int = setting(2048, 16, 1 << 24, "rows of logits computed at once in the loss")
 
     def _check_relations(self) -> None:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -172,38 +175,38 @@ class ModelConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Validated):
-    batch_size: int = _f(16, 1, 65_536)
-    grad_accum: int = _f(1, 1, 4096)
-    lr: float = _f(6e-4, 0.0, 10.0)
-    min_lr: float = _f(6e-5, 0.0, 10.0)
-    warmup_steps: int = _f(100, 0, 10_000_000)
-    max_steps: int = _f(2000, 1, 100_000_000, "budget in optimizer steps (and the cosine length)")
-    max_seconds: float = _f(0.0, 0.0, 1e9, "wall-clock budget; 0 means steps only")
-    weight_decay: float = _f(0.1, 0.0, 10.0)
-    beta1: float = _f(0.9, 0.0, 1.0)
-    beta2: float = _f(0.95, 0.0, 1.0)
-    grad_clip: float = _f(1.0, 0.0, 1e6, "0 disables clipping")
-    eval_interval: int = _f(200, 1, 100_000_000)
-    eval_batches: int = _f(20, 1, 100_000)
-    log_interval: int = _f(10, 1, 100_000_000)
-    ckpt_interval: int = _f(200, 1, 100_000_000)
-    val_fraction: float = _f(0.05, 0.0, 0.5, "tail of the token stream held out for eval")
-    seed: int = _f(1337, 0, 2**31 - 1)
-    threads: int = _f(0, 0, 1024, "torch CPU threads; 0 leaves torch's default")
+class TrainConfig(Validated):
+    batch_size: int = setting(16, 1, 65_536)
+    grad_accum: int = setting(1, 1, 4096)
+    lr: float = setting(6e-4, 0.0, 10.0)
+    min_lr: float = setting(6e-5, 0.0, 10.0)
+    warmup_steps: int = setting(100, 0, 10_000_000)
+    max_steps: int = setting(2000, 1, 100_000_000, "budget in optimizer steps (and the cosine length)")
+    max_seconds: float = setting(0.0, 0.0, 1e9, "wall-clock budget; 0 means steps only")
+    weight_decay: float = setting(0.1, 0.0, 10.0)
+    beta1: float = setting(0.9, 0.0, 1.0)
+    beta2: float = setting(0.95, 0.0, 1.0)
+    grad_clip: float = setting(1.0, 0.0, 1e6, "0 disables clipping")
+    eval_interval: int = setting(200, 1, 100_000_000)
+    eval_batches: int = setting(20, 1, 100_000)
+    log_interval: int = setting(10, 1, 100_000_000)
+    ckpt_interval: int = setting(200, 1, 100_000_000)
+    val_fraction: float = setting(0.05, 0.0, 0.5, "tail of the token stream held out for eval")
+    seed: int = setting(1337, 0, 2**31 - 1)
+    threads: int = setting(0, 0, 1024, "torch CPU threads; 0 leaves torch's default")
 
 
 @dataclass(frozen=True)
-class PrecisionConfig(_Validated):
+class PrecisionConfig(Validated):
     # Turing (RTX 2060) has fp16 tensor cores and no bfloat16; there is no bfloat16 choice.
     cuda_dtype: Literal["float16", "float32"] = "float16"
     cpu_dtype: Literal["float32"] = "float32"
-    grad_scaler_init: float = _f(2.0**16, 1.0, 2.0**32)
-    grad_scaler_growth_interval: int = _f(2000, 1, 1_000_000)
+    grad_scaler_init: float = setting(2.0**16, 1.0, 2.0**32)
+    grad_scaler_growth_interval: int = setting(2000, 1, 1_000_000)
     # RMSNorm and the loss always run in fp32; these are statements of the policy, not knobs.
     norm_fp32: Literal[True] = True
     loss_fp32: Literal[True] = True
-    gpu_memory_fraction: float = _f(0.0, 0.0, 1.0, "cap the card (0 = no cap)")
+    gpu_memory_fraction: float = setting(0.0, 0.0, 1.0, "cap the card (0 = no cap)")
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "precision": dict(gpu_memory_fraction=0.0),
     },
 }
+
+
+# A train job with this preset on the gpu lane is a full run: the queue starts it only when an
+# ablation earned it (--earned-by) or a person forced it (--force --reason).
+GATED_PRESET = "rtx2060"
+# Eval batches are drawn from the training seed plus this offset, so every eval of a run (and a
+# later `lab eval` of its checkpoint) sees the same batches, none of them training batches.
+EVAL_SEED_OFFSET = 1_000_003
 
 
 def default_arch() -> str:
@@ -361,50 +372,50 @@ def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 @dataclass(frozen=True)
-class AblationConfig(_Validated):
-    seeds: int = _f(3, 1, 100)
-    confidence: float = _f(0.95, 0.5, 0.999)
+class AblationConfig(Validated):
+    seeds: int = setting(3, 1, 100)
+    confidence: float = setting(0.95, 0.5, 0.999)
     # `better` needs the paired interval to exclude zero AND a mean gain of at least this much
     # exact-match accuracy (absolute), so a tiny but consistent difference is not a win.
-    min_effect: float = _f(0.05, 0.0, 1.0)
+    min_effect: float = setting(0.05, 0.0, 1.0)
     # Test depths every arm is measured at (a reasoner only at depths it owns, and always at
     # its own); a spec's `eval_depths` replaces them.
     eval_depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     # A comparison whose arms differ by more than this factor in parameters, FLOPs per token or
     # distinct blocks is flagged in the report as not matched on that axis.
-    match_ratio: float = _f(1.5, 1.0, 100.0)
-    eval_examples: int = _f(500, 10, 1_000_000)
-    train_examples: int = _f(0, 0, 10_000_000, "0 means fresh examples every step")
-    parallel_seeds: int = _f(2, 1, 64, "seed processes at once (one torch thread each)")
-    progress_seconds: float = _f(2.0, 0.0, 3600.0, "at most one progress report this often")
+    match_ratio: float = setting(1.5, 1.0, 100.0)
+    eval_examples: int = setting(500, 10, 1_000_000)
+    train_examples: int = setting(0, 0, 10_000_000, "0 means fresh examples every step")
+    parallel_seeds: int = setting(2, 1, 64, "seed processes at once (one torch thread each)")
+    progress_seconds: float = setting(2.0, 0.0, 3600.0, "at most one progress report this often")
 
 
 ABLATION = AblationConfig()
 
 
 @dataclass(frozen=True)
-class TaskSizes(_Validated):
+class TaskSizes(Validated):
     """Sizes of the generated tasks (harness/tasks.py documents what each must do)."""
 
-    khop_max_jump: int = _f(4, 1, 9, "khop: pointers jump 1..m back; chance is 1/m")
-    khop_length: int = _f(48, 8, 4096, "khop: pointers per line")
-    khop_train_hops: int = _f(3, 1, 16, "khop: trained (and `test`) on k = 1..this")
+    khop_max_jump: int = setting(4, 1, 9, "khop: pointers jump 1..m back; chance is 1/m")
+    khop_length: int = setting(48, 8, 4096, "khop: pointers per line")
+    khop_train_hops: int = setting(3, 1, 16, "khop: trained (and `test`) on k = 1..this")
     khop_ood_hops: tuple[int, ...] = (4, 6)
-    lookup_domain: int = _f(6, 2, 10)
-    lookup_functions: int = _f(4, 1, 16)
-    lookup_train_length: int = _f(5, 1, 32)
+    lookup_domain: int = setting(6, 2, 10)
+    lookup_functions: int = setting(4, 1, 16)
+    lookup_train_length: int = setting(5, 1, 32)
     lookup_ood_lengths: tuple[int, ...] = (6, 8)
-    addition_train_digits: int = _f(3, 1, 32)
+    addition_train_digits: int = setting(3, 1, 32)
     addition_ood_digits: tuple[int, ...] = (4, 5)
-    chase_length: int = _f(48, 8, 4096, "chase: tokens per line")
-    chase_max_jump: int = _f(4, 1, 9, "chase: a jump token says 'look 1..this many places back'")
-    chase_labels: int = _f(4, 2, 9, "chase: terminal labels; chance is 1/this")
-    chase_train_density: float = _f(0.3, 0.01, 0.99, "chase: share of terminals in a training line")
-    chase_sparse_density: float = _f(0.12, 0.01, 0.99, "chase: share of terminals in the `sparse` split")
-    chase_train_max_depth: int = _f(4, 1, 4096, "chase: only answers this many jumps deep are trained")
+    chase_length: int = setting(48, 8, 4096, "chase: tokens per line")
+    chase_max_jump: int = setting(4, 1, 9, "chase: a jump token says 'look 1..this many places back'")
+    chase_labels: int = setting(4, 2, 9, "chase: terminal labels; chance is 1/this")
+    chase_train_density: float = setting(0.3, 0.01, 0.99, "chase: share of terminals in a training line")
+    chase_sparse_density: float = setting(0.12, 0.01, 0.99, "chase: share of terminals in the `sparse` split")
+    chase_train_max_depth: int = setting(4, 1, 4096, "chase: only answers this many jumps deep are trained")
     # One input line in `test_partition` (by a hash of its tokens) may be a test line; training
     # never draws those, so no test line can occur in any training stream.
-    test_partition: int = _f(5, 2, 1000)
+    test_partition: int = setting(5, 2, 1000)
 
 
 TASKS = TaskSizes()
@@ -415,36 +426,39 @@ TASKS = TaskSizes()
 
 
 @dataclass(frozen=True)
-class QueueConfig(_Validated):
-    lease_seconds: float = _f(30.0, 1.0, 86_400.0, "a running job's lease; renewed by heartbeats")
-    heartbeat_seconds: float = _f(5.0, 0.1, 3600.0)
-    sweep_seconds: float = _f(10.0, 0.5, 3600.0, "how often expired leases are requeued")
-    poll_seconds: float = _f(0.5, 0.01, 60.0, "how often the scheduler looks for runnable jobs")
-    max_attempts: int = _f(3, 1, 100)
-    cpu_workers: int = _f(2, 1, 256)
-    kill_grace_seconds: float = _f(5.0, 0.0, 600.0, "SIGTERM, then SIGKILL after this long")
-    shutdown_seconds: float = _f(20.0, 0.0, 600.0, "running jobs may finish this long at stop")
-    default_timeout_seconds: float = _f(24 * 3600.0, 1.0, 30 * 86_400.0)
-    disk_min_free_gb: float = _f(5.0, 0.0, 100_000.0, "below this no new GPU job starts")
-    github_poll_seconds: float = _f(60.0, 1.0, 86_400.0)
+class QueueConfig(Validated):
+    lease_seconds: float = setting(30.0, 1.0, 86_400.0, "a running job's lease; renewed by heartbeats")
+    heartbeat_seconds: float = setting(5.0, 0.1, 3600.0)
+    sweep_seconds: float = setting(10.0, 0.5, 3600.0, "how often expired leases are requeued")
+    poll_seconds: float = setting(0.5, 0.01, 60.0, "how often the scheduler looks for runnable jobs")
+    max_attempts: int = setting(3, 1, 100)
+    cpu_workers: int = setting(2, 1, 256)
+    kill_grace_seconds: float = setting(5.0, 0.0, 600.0, "SIGTERM, then SIGKILL after this long")
+    shutdown_seconds: float = setting(20.0, 0.0, 600.0, "running jobs may finish this long at stop")
+    default_timeout_seconds: float = setting(24 * 3600.0, 1.0, 30 * 86_400.0)
+    disk_min_free_gb: float = setting(5.0, 0.0, 100_000.0, "below this no new GPU job starts")
+    github_poll_seconds: float = setting(60.0, 1.0, 86_400.0)
     # Reads are few (conditional, mostly 304s); writes stay under GitHub's secondary limit of 80
     # content-creating requests a minute (one a second at most).
-    github_seconds_between_requests: float = _f(0.05, 0.0, 10.0)
-    github_seconds_between_writes: float = _f(1.0, 0.0, 60.0)
-    outbox_max_attempts: int = _f(20, 1, 1000)
+    github_seconds_between_requests: float = setting(0.05, 0.0, 10.0)
+    github_seconds_between_writes: float = setting(1.0, 0.0, 60.0)
+    outbox_max_attempts: int = setting(20, 1, 1000)
     # Job processes started ahead of time per lane (python and imports already loaded), so the
     # GPU lane does not wait for a start-up between two jobs; more there, since short GPU jobs
     # come faster than one process warms up.
-    standby_gpu: int = _f(3, 0, 16)
-    standby_cpu: int = _f(1, 0, 16)
+    standby_gpu: int = setting(3, 0, 16)
+    standby_cpu: int = setting(1, 0, 16)
     # The GitHub bridge (bridge/github.py); each can be overridden by LAB_QUEUE_<FIELD> (upper case).
-    github_timeout_seconds: int = _f(15, 1, 300, "per request; a POST that times out is ambiguous")
-    github_backoff_seconds: float = _f(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")
-    github_backoff_max_seconds: float = _f(900.0, 0.0, 86_400.0)
-    github_read_attempts: int = _f(3, 1, 20, "tries of one read within a sync cycle")
-    github_rate_reserve: int = _f(200, 0, 100_000, "requests left when the bridge pauses until reset")
-    github_lease_seconds: float = _f(300.0, 5.0, 86_400.0, "the bridge role lease (one poster at a time)")
-    github_per_page: int = _f(100, 1, 100)
+    github_timeout_seconds: int = setting(15, 1, 300, "per request; a POST that times out is ambiguous")
+    github_backoff_seconds: float = setting(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")
+    github_backoff_max_seconds: float = setting(900.0, 0.0, 86_400.0)
+    github_read_attempts: int = setting(3, 1, 20, "tries of one read within a sync cycle")
+    github_rate_reserve: int = setting(200, 0, 100_000, "requests left when the bridge pauses until reset")
+    github_lease_seconds: float = setting(300.0, 5.0, 86_400.0,
+                                          "the bridge role lease (one poster at a time)")
+    github_per_page: int = setting(100, 1, 100)
+    hosts_seen_seconds: float = setting(7 * 86_400.0, 60.0, 365 * 86_400.0,
+                                   "a host whose last daemon heartbeat is older drops off `lab status`")
 
     def _check_relations(self) -> None:
         # A job stops itself after 3/4 of the lease without a renewal (workers/run.py): a lease
@@ -477,18 +491,53 @@ def queue_config() -> QueueConfig:
 
 
 @dataclass(frozen=True)
-class RecordsConfig(_Validated):
+class RecordsConfig(Validated):
     # A hot run directory whose files moved to the archive keeps only this small file.
     pointer_file: str = "ARCHIVED.json"
     # Written into the archived copy: relative path -> size and sha256 of every file.
     manifest_file: str = "MANIFEST.json"
-    hash_chunk_bytes: int = _f(1 << 20, 4096, 1 << 30)
-    # systemd TimeoutStopSec: the daemon needs QueueConfig.shutdown_seconds + kill grace to stop.
-    service_stop_seconds: int = _f(60, 30, 3600)
-    service_restart_seconds: int = _f(5, 1, 3600)
+    hash_chunk_bytes: int = setting(1 << 20, 4096, 1 << 30)
 
 
 RECORDS = RecordsConfig()
+
+
+@dataclass(frozen=True)
+class SystemdConfig(Validated):
+    """The unit `lab service print` writes (daemon/systemd.py)."""
+
+    # TimeoutStopSec: the daemon needs QueueConfig.shutdown_seconds + kill grace to stop.
+    stop_seconds: int = setting(60, 30, 3600)
+    restart_seconds: int = setting(5, 1, 3600)
+
+
+SYSTEMD = SystemdConfig()
+
+
+@dataclass(frozen=True)
+class CommentConfig(Validated):
+    """What a comment of the GitHub bridge may hold (bridge/render.py)."""
+
+    max_chars: int = setting(65_536, 1_000, 1_000_000, "GitHub refuses a longer comment body")
+    log_tail_lines: int = setting(60, 1, 10_000, "a failed job's comment quotes this much of its log")
+    log_tail_chars: int = setting(8_000, 100, 1_000_000)
+    report_chars: int = setting(30_000, 100, 1_000_000, "an ablation's report.md is cut to this")
+    table_rows: int = setting(40, 1, 10_000)
+    curve_points: int = setting(40, 2, 1_000, "points of the loss curve (mermaid xychart)")
+
+
+COMMENTS = CommentConfig()
+
+
+@dataclass(frozen=True)
+class McpConfig(Validated):
+    """Bounds of the MCP tools' arguments (daemon/mcp_server.py)."""
+
+    max_wait_seconds: float = setting(3600.0, 1.0, 86_400.0, "one `wait` call blocks at most this long")
+    max_log_lines: int = setting(2000, 1, 1_000_000, "one `logs` call returns at most this many lines")
+
+
+MCP = McpConfig()
 
 
 def docs_dir() -> str:

@@ -15,14 +15,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+import config
 from store import iso
 
-COMMENT_LIMIT = 65_536
-LOG_TAIL_LINES = 60
-LOG_TAIL_CHARS = 8_000
-REPORT_CHARS = 30_000
-TABLE_ROWS = 40
-CURVE_POINTS = 40
+# The limits live in config.COMMENTS; these names are the ones the code below reads.
+COMMENT_LIMIT = config.COMMENTS.max_chars
+LOG_TAIL_LINES = config.COMMENTS.log_tail_lines
+LOG_TAIL_CHARS = config.COMMENTS.log_tail_chars
+REPORT_CHARS = config.COMMENTS.report_chars
+TABLE_ROWS = config.COMMENTS.table_rows
+CURVE_POINTS = config.COMMENTS.curve_points
 
 EMOJI = {"queued": "⏳", "blocked": "⏸️", "running": "🏃", "succeeded": "✅", "failed": "❌",
          "cancelled": "⚪"}

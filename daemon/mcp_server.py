@@ -16,12 +16,13 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+import config
 from config import ConfigError
 
 # `wait` holds the call open; agents' MCP clients time requests out, so it is bounded and says
 # `timed_out` rather than failing. Call it again to keep waiting.
-MAX_WAIT_SECONDS = 3600.0
-MAX_LOG_LINES = 2000
+MAX_WAIT_SECONDS = config.MCP.max_wait_seconds
+MAX_LOG_LINES = config.MCP.max_log_lines
 
 INSTRUCTIONS = """The reasoning-lab job queue. Submit work with `submit` (kind + spec, validated the same
 way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`, requeue a failed

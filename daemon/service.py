@@ -19,8 +19,6 @@ import jobs
 from config import ConfigError
 from store import ACTIVE, FINAL, Store, iso, public
 
-GATED_PRESET = "rtx2060"
-
 
 class GateError(ConfigError):
     """A full GPU run that was not earned by an ablation (nor forced with a reason)."""
@@ -44,12 +42,12 @@ def check_gate(store: Store, kind: str, lane: str, spec: dict[str, Any], earned_
         earner = store.get(earned_by)
         if earner is None:
             raise GateError(f"--earned-by: job {earned_by} does not exist")
-    if not (kind == "train" and lane == "gpu" and spec.get("preset") == GATED_PRESET):
+    if not (kind == "train" and lane == "gpu" and spec.get("preset") == config.GATED_PRESET):
         return
     if force:
         return
     if earned_by is None:
-        raise GateError(f"--earned-by: a train job with preset {GATED_PRESET} on the gpu lane must be "
+        raise GateError(f"--earned-by: a train job with preset {config.GATED_PRESET} on the gpu lane must be "
                         "earned: give --earned-by ABLATION_JOB (a succeeded ablation with verdict "
                         "better) or --force --reason TEXT")
     if earner["kind"] != "ablation":  # type: ignore[index]
@@ -143,7 +141,6 @@ def status(store: Store | None = None) -> dict[str, Any]:
             "daemons": daemons, "hosts": host_view(store, active, alive), "disk": disk}
 
 
-HOSTS_SEEN_SECONDS = 7 * 86_400.0  # a host whose last daemon heartbeat is older drops off `lab status`
 
 
 def host_view(store: Store, active: list[dict[str, Any]],
@@ -153,7 +150,7 @@ def host_view(store: Store, active: list[dict[str, Any]],
     host's jobs stay `running` here until their leases expire and the sweep requeues them."""
     alive_ids = {d["id"] for d in alive}
     by_host: dict[str, dict[str, Any]] = {}
-    for d in store.daemons(since=HOSTS_SEEN_SECONDS):  # newest first
+    for d in store.daemons(since=config.queue_config().hosts_seen_seconds):  # newest first
         h = by_host.setdefault(d["host"], {"host": d["host"], "alive": False, "lanes": [],
                                            "heartbeat_at": 0.0, "daemons": 0,
                                            "last_lanes": d["lanes"].split(",")})
@@ -208,7 +205,7 @@ def kinds() -> list[dict[str, Any]]:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             default = None if required else (f.default if f.default is not dataclasses.MISSING
                                               else f.default_factory())
-            fields.append({"name": f.name, "type": config._type_name(hints.get(f.name, Any)),
+            fields.append({"name": f.name, "type": config.type_name(hints.get(f.name, Any)),
                            "default": default, "required": required,
                            "doc": (f.metadata or {}).get("doc", "")})
         summary_line = " ".join(jk.doc.split("\n\n")[0].split())  # the doc's first paragraph

@@ -30,8 +30,8 @@ def unit_text(workdir: str | Path | None = None, lab_bin: str | Path | None = No
     if not lab.is_absolute():
         lab = workdir / ".venv" / "bin" / "lab"
     env_file = Path(env_file) if env_file else workdir / ".env"
-    r = config.RECORDS
-    stop = max(r.service_stop_seconds,
+    r = config.SYSTEMD
+    stop = max(r.stop_seconds,
                int(config.QUEUE.shutdown_seconds + config.QUEUE.kill_grace_seconds) + 10)
     exec_start = f"{lab} daemon" + (f" --cpu-workers {cpu_workers}" if cpu_workers else "")
     lines = [
@@ -56,7 +56,7 @@ def unit_text(workdir: str | Path | None = None, lab_bin: str | Path | None = No
         "Environment=PYTHONUNBUFFERED=1",
         f"ExecStart={exec_start}",
         "Restart=on-failure",
-        f"RestartSec={r.service_restart_seconds}",
+        f"RestartSec={r.restart_seconds}",
         "KillSignal=SIGTERM",
         "KillMode=mixed",
         f"TimeoutStopSec={stop}",

@@ -21,13 +21,10 @@ depth_* key itself. A refiner arm trains with the preset's random depth unless `
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import multiprocessing as mp
-import os
 import queue
 import re
-import subprocess
 import time
 import tomllib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -39,6 +36,7 @@ from typing import Any
 import numpy as np
 
 import config
+from common import git_commit, write_json_atomic
 from config import ConfigError
 from harness import stats
 from harness.tasks import TASK_NAMES, Task, make_task
@@ -434,15 +432,6 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
     return results
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -603,7 +592,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     import torch
 
     started, t0 = datetime.now(UTC), time.monotonic()
-    commit = _git_commit()  # the code that runs: read now, not after a later commit
+    commit = git_commit()  # the code that runs: read now, not after a later commit
     run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, spec.task_dir or None, seed=0)
@@ -643,7 +632,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"), "host": config.paths().host,
     }
-    _write_json(run_dir / "ablation.json", _finite(record))
+    write_json_atomic(run_dir / "ablation.json", _finite(record))
     (run_dir / "report.md").write_text(render_report(spec, task, summary), encoding="utf-8")
     from harness.plot import plot_accuracy
 
@@ -655,12 +644,6 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     ctx.log(f"primary: {summary['primary']}")
     ctx.log(f"verdict: {summary['verdict_line']}")
     return summary
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _jsonable(x: Any) -> Any:

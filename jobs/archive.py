@@ -14,15 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from config import ConfigError, _f, _Validated
+from config import ConfigError, Validated, setting
 
 LANES = ("cpu",)
 
 
 @dataclass(frozen=True)
-class Spec(_Validated):
+class Spec(Validated):
     runs: tuple[str, ...] = ()
-    older_than_days: float = _f(-1.0, -1.0, 36_500.0, "archive finished runs older than this; -1: off")
+    older_than_days: float = setting(-1.0, -1.0, 36_500.0, "archive finished runs older than this; -1: off")
 
     def _check_relations(self) -> None:
         if not self.runs and self.older_than_days < 0:

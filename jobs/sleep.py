@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from config import ConfigError, _f, _Validated
+from config import ConfigError, Validated, setting
 
 LANES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
-class Spec(_Validated):
-    seconds: float = _f(1.0, 0.0, 86_400.0, "how long to sleep")
+class Spec(Validated):
+    seconds: float = setting(1.0, 0.0, 86_400.0, "how long to sleep")
     fail: bool = False
-    exit_code: int = _f(0, 0, 255, "leave the process with this code (no result)")
+    exit_code: int = setting(0, 0, 255, "leave the process with this code (no result)")
     signal: str = ""
     child: bool = False
 

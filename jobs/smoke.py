@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import config
-from config import SAMPLE_DATASET, SMOKE_MIN_DROP, _f, _Validated
+from config import SAMPLE_DATASET, SMOKE_MIN_DROP, Validated, setting
 
 LANES = ("gpu", "cpu")
 
@@ -26,10 +26,10 @@ class SmokeFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Spec(_Validated):
+class Spec(Validated):
     preset: str = "tiny"
     arch: str = ""  # "" = config.default_arch()
-    steps: int = _f(40, 4, 100_000, "optimizer steps")
+    steps: int = setting(40, 4, 100_000, "optimizer steps")
     set: dict = field(default_factory=dict)  # config overrides by key
 
     def _check_relations(self) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import config
-from config import DATASET_NAME_RE, ConfigError, _Validated
+from config import DATASET_NAME_RE, ConfigError, Validated
 
 LANES = ("cpu",)
 
 
 @dataclass(frozen=True)
-class Spec(_Validated):
+class Spec(Validated):
     src: tuple[str, ...]  # text files; each is one document
     name: str  # the dataset name under $LAB_RUNS/data
 

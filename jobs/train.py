@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import config
-from config import DATASET_NAME_RE, SAMPLE_DATASET, ConfigError, _Validated
+from config import DATASET_NAME_RE, SAMPLE_DATASET, ConfigError, Validated
 from jobs import spec_to_dict
 
 LANES = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
-class Spec(_Validated):
+class Spec(Validated):
     preset: str = "tiny"
     arch: str = ""  # "" = config.default_arch()
     set: dict = field(default_factory=dict)  # config overrides by key, e.g. {"d_model": 128}

@@ -6,7 +6,6 @@ every token id of every run mean something else, silently.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from common import sha256_file
 from config import TOKENIZER_NAME, TOKENIZER_SHA256, TOKENIZER_VOCAB
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -29,12 +29,7 @@ class TokenizerError(RuntimeError):
     pass
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the name the data and tokenizer code read
 
 
 def get_tokenizer(path: str | None = None) -> tiktoken.Encoding:

@@ -24,10 +24,8 @@ import os
 import platform
 import random
 import resource
-import subprocess
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, ConfigError
+from common import fsync_dir, git_commit, utc_now, write_json_atomic
+from config import EVAL_SEED_OFFSET, Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
 from models.step import TrainingDiverged, TrainStep, autocast_for, lr_at, make_optimizer, uses_fp16
@@ -44,24 +43,12 @@ __all__ = ["BEST", "LAST", "TrainingDiverged", "evaluate", "load_checkpoint", "l
            "make_optimizer", "save_atomic", "train", "uses_fp16"]
 
 LAST, BEST = "ckpt_last.pt", "ckpt_best.pt"
-# Eval always draws the same batches (this seed offset), so evals at different steps and a
-# later `lab eval` of the checkpoint are compared on identical data.
-_EVAL_SEED_OFFSET = 1_000_003
 
 
 def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def package_versions() -> dict[str, str]:
@@ -72,19 +59,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -100,11 +74,7 @@ def save_atomic(obj: Any, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -170,7 +140,7 @@ def evaluate(model: torch.nn.Module, data: TokenData, cfg: Config, device: torch
     RNGs untouched, so evaluating never changes what training does next."""
     was_training = model.training
     model.eval()
-    gen = np.random.default_rng(cfg.train.seed + _EVAL_SEED_OFFSET)
+    gen = np.random.default_rng(cfg.train.seed + EVAL_SEED_OFFSET)
     batches = batches or cfg.train.eval_batches
     total = 0.0
     for _ in range(batches):

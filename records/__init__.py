@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import config
+from common import utc_now
 from records import archive
+from store import ACTIVE
 
 FRONT = "---"
 # Directories under LAB_RUNS that are not runs (token datasets live in runs/data).
@@ -306,10 +308,6 @@ def slugify(text: str, limit: int = 60) -> str:
 
 def today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +736,6 @@ def cards_table(cards: list[dict[str, Any]]) -> str:
 # Archiving many runs (the `archive` job kind and `lab archive`)
 
 
-ACTIVE = ("queued", "blocked", "running")
 
 
 def select_old_runs(older_than_days: float, exclude: frozenset[str] = frozenset()) -> list[str]:

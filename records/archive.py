@@ -19,29 +19,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import config
+from common import fsync_dir, sha256_file, utc_now, write_atomic
 
 CopyFile = Callable[[Path, Path], Any]
 
 
 class ArchiveError(RuntimeError):
     """The move could not be completed; the message says what was left where."""
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(config.RECORDS.hash_chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pointer_path(run_dir: Path) -> Path:
@@ -90,12 +78,6 @@ def _copy_tree(src: Path, dst: Path, rels: list[str], copy_file: CopyFile) -> No
     for rel in rels:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         copy_file(src / rel, dst / rel)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def dir_bytes(root: Path) -> int:
@@ -151,13 +133,14 @@ def archive_run(name: str, runs: str | Path | None = None, archive: str | Path |
     # The verify read the page cache; only what is on the platter survives a power cut.
     _fsync_tree(partial)
     os.replace(partial, cold)
-    _fsync_dir(cold_root)
+    fsync_dir(cold_root)
 
     total = sum(m["bytes"] for m in manifest.values())
     info = {"run": name, "tier": "cold", "archive_path": str(cold.resolve()), "files": len(manifest),
             "bytes": total, "manifest_sha256": hashlib.sha256(manifest_text.encode()).hexdigest(),
             "archived_at": utc_now(), "summary": summary or {}}
-    _write_atomic(pointer_path(hot), json.dumps(info, indent=1) + "\n")
+    # fsynced before the hot files go: it is then the only record of where the run went
+    write_atomic(pointer_path(hot), json.dumps(info, indent=1) + "\n")
     for rel in rels:
         (hot / rel).unlink()
     _remove_empty_dirs(hot)
@@ -175,20 +158,12 @@ def _delete_verified_leftovers(hot: Path, cold: Path, leftovers: list[str]) -> N
     _remove_empty_dirs(hot)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             with open(Path(dirpath) / name, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _remove_empty_dirs(root: Path) -> None:

@@ -160,8 +160,8 @@ def test_parse_assignments():
 
 def test_from_mapping_validates_untrusted_keys():
     @dataclasses.dataclass(frozen=True)
-    class Spec(config._Validated):
-        steps: int = config._f(10, 1, 100)
+    class Spec(config.Validated):
+        steps: int = config.setting(10, 1, 100)
         name: str = "x"
 
     assert config.from_mapping(Spec, {"steps": 5}, "spec").steps == 5
