@@ -9,9 +9,10 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import config
 
@@ -46,13 +47,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write text to path so that a crash at any moment leaves the old file or the new one."""
+def replace_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temp file beside `path`, fsync it, rename it over `path`, fsync the
+    directory: a crash at any moment leaves the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +62,10 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    replace_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, indent: int = 2) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import fsync_dir, git_commit, utc_now, write_json_atomic
+from common import git_commit, replace_atomic, utc_now, write_json_atomic
 from config import EVAL_SEED_OFFSET, Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
@@ -62,19 +62,8 @@ def package_versions() -> dict[str, str]:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, rename over `path`, fsync the
-    directory: a crash at any moment leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """torch.save, crash-safe: a crash at any moment leaves the old file or the new one."""
+    replace_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, Any]:
