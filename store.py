@@ -199,12 +199,15 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction: every statement inside commits together or not at all. Tables
+        defined beside the store (the GitHub outbox's) are written through it too."""
         with self.engine.begin() as conn:
             yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def reading(self) -> Iterator[Connection]:
+        """A read-only transaction (a consistent snapshot; SQLite takes no write lock)."""
         with self.engine.connect() as conn:
             conn.execution_options(lab_read=True)
             with conn.begin():
@@ -224,7 +227,7 @@ class Store:
         """Insert a job (already validated by the caller): queued, or blocked when it waits on
         another job or is held."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             status = "queued"
             if held:
                 status = "blocked"
@@ -242,7 +245,7 @@ class Store:
         return int(job_id)
 
     def get(self, job_id: int) -> dict[str, Any] | None:
-        with self._read() as c:
+        with self.reading() as c:
             row = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return dict(row) if row else None
 
@@ -261,16 +264,16 @@ class Store:
         q = q.order_by(jobs.c.id.desc() if newest_first else jobs.c.id)
         if limit is not None:
             q = q.limit(limit)
-        with self._read() as c:
+        with self.reading() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
-        with self._read() as c:
+        with self.reading() as c:
             rows = c.execute(select(events).where(events.c.job_id == job_id).order_by(events.c.id))
             return [dict(r) for r in rows.mappings()]
 
     def add_event(self, job_id: int, kind: str, message: str) -> None:
-        with self._write() as c:
+        with self.transaction() as c:
             self._event(c, job_id, kind, message)
 
     # --- the scheduler's transitions -------------------------------------------------------
@@ -279,11 +282,11 @@ class Store:
         """Blocked jobs whose dependency succeeded -> queued; failed/cancelled -> cancelled."""
         changed: list[tuple[int, str]] = []
         dep = jobs.alias("dep")
-        with self._read() as c:
+        with self.reading() as c:
             if not c.execute(select(jobs.c.id).where(jobs.c.status == "blocked", jobs.c.held.is_(None))
                              .limit(1)).first():
                 return changed
-        with self._write() as c:
+        with self.transaction() as c:
             rows = c.execute(
                 select(jobs.c.id, jobs.c.after_id, dep.c.status)
                 .select_from(jobs.outerjoin(dep, dep.c.id == jobs.c.after_id))
@@ -317,12 +320,12 @@ class Store:
 
     def _claim_next(self, lane: str, owner: str, host: str, runs_root: str | Path,
                     lease_seconds: float) -> dict[str, Any] | None:
-        with self._read() as c:  # the common case, nothing to do, costs no write lock
+        with self.reading() as c:  # the common case, nothing to do, costs no write lock
             if not c.execute(select(jobs.c.id).where(jobs.c.lane == lane, jobs.c.status == "queued")
                              .limit(1)).first():
                 return None
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             if lane == "gpu":
                 # Row lock on this host: concurrent GPU claims on one host run one after another.
                 n = c.execute(update(hosts).where(hosts.c.host == host).values(gpu_claimed_at=t)).rowcount
@@ -356,7 +359,7 @@ class Store:
 
     def mark_started(self, job_id: int, attempt: int, pid: int) -> bool:
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(self._mine(job_id, attempt))
                           .values(started_at=t, pid=pid, updated_at=t)).rowcount
             if n:
@@ -364,13 +367,13 @@ class Store:
         return bool(n)
 
     def set_pid(self, job_id: int, attempt: int, pid: int) -> bool:
-        with self._write() as c:
+        with self.transaction() as c:
             return bool(c.execute(update(jobs).where(self._mine(job_id, attempt)).values(pid=pid)).rowcount)
 
     def heartbeat(self, job_id: int, attempt: int, lease_seconds: float) -> dict[str, Any] | None:
         """Renew the lease; returns the row (to read cancel_requested), None if no longer ours."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(self._mine(job_id, attempt))
                           .values(heartbeat_at=t, lease_expires_at=t + lease_seconds)).rowcount
             if not n:
@@ -378,7 +381,7 @@ class Store:
             return dict(c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().one())
 
     def set_progress(self, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
-        with self._write() as c:
+        with self.transaction() as c:
             return bool(c.execute(update(jobs).where(self._mine(job_id, attempt))
                                   .values(progress=progress)).rowcount)
 
@@ -387,7 +390,7 @@ class Store:
         """running -> succeeded/failed/cancelled for this attempt only."""
         assert status in FINAL
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
                 status=status, exit_code=exit_code, error=error, result=result, finished_at=t,
                 updated_at=t, lease_expires_at=None)).rowcount
@@ -398,7 +401,7 @@ class Store:
     def release(self, job_id: int, attempt: int, reason: str) -> bool:
         """running -> queued without counting the attempt (daemon shutdown, never started)."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
                 status="queued", attempts=attempt - 1, lease_owner=None, lease_expires_at=None,
                 pid=None, started_at=None, updated_at=t)).rowcount
@@ -411,7 +414,7 @@ class Store:
         asked to cancel becomes cancelled."""
         t = now()
         changed: list[tuple[int, str]] = []
-        with self._write() as c:
+        with self.transaction() as c:
             rows = c.execute(select(jobs).where(jobs.c.status == "running",
                                                 jobs.c.lease_expires_at < t)).mappings().all()
             for r in rows:
@@ -438,7 +441,7 @@ class Store:
         """queued/blocked -> cancelled at once; running -> cancel_requested (its supervisor kills
         the process group). Returns the status after the call."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id)).first()
             if row is None:
                 raise StateError(f"job {job_id}: no such job")
@@ -458,7 +461,7 @@ class Store:
     def retry(self, job_id: int) -> str:
         """failed/cancelled -> queued (or blocked behind its dependency), attempts from zero."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             row = c.execute(select(jobs.c.status, jobs.c.after_id).where(jobs.c.id == job_id)).first()
             if row is None:
                 raise StateError(f"job {job_id}: no such job")
@@ -474,7 +477,7 @@ class Store:
 
     def hold(self, job_id: int, reason: str) -> bool:
         """queued -> blocked with a reason (e.g. the issue got the `blocked` label)."""
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(("queued", "blocked")))
                           .values(status="blocked", held=reason, updated_at=now())).rowcount
             if n:
@@ -482,7 +485,7 @@ class Store:
         return bool(n)
 
     def unhold(self, job_id: int) -> bool:
-        with self._write() as c:
+        with self.transaction() as c:
             n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.held.is_not(None))
                           .values(held=None, updated_at=now())).rowcount
             if n:
@@ -493,18 +496,18 @@ class Store:
 
     def register_daemon(self, daemon_id: str, host: str, pid: int, lanes: str, cpu_workers: int) -> None:
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             c.execute(insert(daemons).values(id=daemon_id, host=host, pid=pid, lanes=lanes,
                                              cpu_workers=cpu_workers, started_at=t, heartbeat_at=t))
 
     def daemon_heartbeat(self, daemon_id: str, paused: str | None) -> None:
-        with self._write() as c:
+        with self.transaction() as c:
             # stopped_at=None: a daemon that was only slow, and got reaped, is alive again
             c.execute(update(daemons).where(daemons.c.id == daemon_id)
                       .values(heartbeat_at=now(), paused=paused, stopped_at=None))
 
     def daemon_stopped(self, daemon_id: str) -> None:
-        with self._write() as c:
+        with self.transaction() as c:
             c.execute(update(daemons).where(daemons.c.id == daemon_id).values(stopped_at=now()))
 
     def daemons(self, alive_within: float | None = None, since: float | None = None) -> list[dict[str, Any]]:
@@ -515,13 +518,13 @@ class Store:
             q = q.where(daemons.c.stopped_at.is_(None), daemons.c.heartbeat_at >= now() - alive_within)
         if since is not None:
             q = q.where(daemons.c.heartbeat_at >= now() - since)
-        with self._read() as c:
+        with self.reading() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def reap_daemons(self, older_than: float) -> list[dict[str, Any]]:
         """Daemons that stopped heartbeating without saying so: mark them stopped, return them."""
         t = now()
-        with self._write() as c:
+        with self.transaction() as c:
             rows = c.execute(select(daemons).where(daemons.c.stopped_at.is_(None),
                                                    daemons.c.heartbeat_at < t - older_than)).mappings().all()
             for r in rows:
@@ -529,7 +532,7 @@ class Store:
             return [dict(r) for r in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        with self._read() as c:
+        with self.reading() as c:
             rows = c.execute(select(jobs.c.lane, jobs.c.status, func.count())
                              .group_by(jobs.c.lane, jobs.c.status)).all()
         out: dict[str, dict[str, int]] = {}

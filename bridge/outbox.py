@@ -121,7 +121,7 @@ class Outbox:
         """Want a comment `body` on `issue`. A new key -> a pending row; an existing editable
         row whose body differs -> the new body, pending again; otherwise nothing. True if changed."""
         t = now()
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             row = c.execute(select(outbox).where(outbox.c.key == key)).mappings().first()
             if row is None:
                 c.execute(insert(outbox).values(
@@ -142,7 +142,7 @@ class Outbox:
         with the same key; labels the previous wish added and this one does not want are removed."""
         t = now()
         add, remove = sorted(set(add)), sorted(set(remove) - set(add))
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             row = c.execute(select(outbox).where(outbox.c.key == key)).mappings().first()
             if row is None:
                 c.execute(insert(outbox).values(
@@ -162,21 +162,21 @@ class Outbox:
             return True
 
     def has(self, key: str) -> bool:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return c.execute(select(outbox.c.id).where(outbox.c.key == key)).first() is not None
 
     # --- sending -----------------------------------------------------------------------------
 
     def due(self, at: float | None = None, limit: int = 500) -> list[dict[str, Any]]:
         at = now() if at is None else at
-        with self.store._read() as c:
+        with self.store.reading() as c:
             rows = c.execute(select(outbox)
                              .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= at)
                              .order_by(outbox.c.id).limit(limit)).mappings().all()
         return [dict(r) for r in rows]
 
     def next_due_at(self) -> float | None:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             rows = c.execute(select(outbox.c.next_attempt_at).where(outbox.c.status == "pending")
                              .order_by(outbox.c.next_attempt_at).limit(1)).first()
         return rows[0] if rows else None
@@ -186,16 +186,16 @@ class Outbox:
         values: dict[str, Any] = dict(attempts=outbox.c.attempts + 1, updated_at=now())
         if creating:
             values["posts"] = outbox.c.posts + 1
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(outbox).where(outbox.c.id == row_id).values(**values))
 
     def forget_comment(self, row_id: int) -> None:
         """The comment is gone from GitHub (deleted by a person): create it again."""
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(outbox).where(outbox.c.id == row_id).values(comment_id=None, posts=0))
 
     def set_comment_id(self, row_id: int, comment_id: int) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(outbox).where(outbox.c.id == row_id).values(comment_id=comment_id))
 
     def mark_sent(self, row_id: int, version: int, comment_id: int | None = None) -> None:
@@ -204,13 +204,13 @@ class Outbox:
         values: dict[str, Any] = dict(sent_version=version, sent_at=t, updated_at=t, last_error=None)
         if comment_id is not None:
             values["comment_id"] = comment_id
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(outbox).where(outbox.c.id == row_id).values(**values))
             c.execute(update(outbox).where(outbox.c.id == row_id, outbox.c.version == version)
                       .values(status="done", attempts=0))
 
     def mark_failed(self, row_id: int, error: str, retry_at: float, give_up: bool) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(outbox).where(outbox.c.id == row_id).values(
                 last_error=error[:2000], next_attempt_at=retry_at, updated_at=now(),
                 status="dead" if give_up else "pending"))
@@ -221,7 +221,7 @@ class Outbox:
             q = q.where(outbox.c.issue == issue)
         if kind is not None:
             q = q.where(outbox.c.kind == kind)
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def counts(self) -> dict[str, int]:
@@ -234,7 +234,7 @@ class Outbox:
 
     def ran(self, issue: int, spec_hash: str) -> bool:
         """Was this spec of this issue enqueued (and not withdrawn by close/unlabel)?"""
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return c.execute(select(runs.c.id).where(runs.c.issue == issue, runs.c.spec_hash == spec_hash,
                                                      runs.c.withdrawn.is_(False))).first() is not None
 
@@ -243,7 +243,7 @@ class Outbox:
         """Record "this issue runs this spec" BEFORE submitting, in one transaction with the
         issue's comment cursor, so a crash between the two can neither lose nor double a run."""
         t = now()
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             run_id = c.execute(insert(runs).values(
                 issue=issue, spec_hash=spec_hash, job_id=None, reason=reason, actor=actor, withdrawn=False,
                 created_at=t)).inserted_primary_key[0]
@@ -255,26 +255,26 @@ class Outbox:
         return int(run_id)
 
     def set_run_job(self, run_id: int, job_id: int) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(runs).where(runs.c.id == run_id).values(job_id=job_id))
 
     def undecided_runs(self) -> list[dict[str, Any]]:
         """Runs decided but not known to be submitted (a crash in between)."""
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return [dict(r) for r in c.execute(select(runs).where(runs.c.job_id.is_(None))).mappings()]
 
     def drop_run(self, run_id: int) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(delete(runs).where(runs.c.id == run_id))
 
     def withdraw(self, issue: int) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(update(runs).where(runs.c.issue == issue).values(withdrawn=True))
 
     def issue_jobs(self, issue: int) -> list[int]:
         """Jobs the bridge started for `issue`, oldest first."""
         q = select(runs.c.job_id).where(runs.c.issue == issue, runs.c.job_id.is_not(None)).order_by(runs.c.id)
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return [r[0] for r in c.execute(q)]
 
     def jobs_to_report(self) -> list[dict[str, Any]]:
@@ -286,13 +286,13 @@ class Outbox:
                     or_(jobs.c.status.in_(ACTIVE), r.c.id.is_(None),
                         r.c.source_at.is_distinct_from(jobs.c.finished_at)))
              .order_by(jobs.c.id))
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return [dict(row) for row in c.execute(q).mappings()]
 
     # --- per-issue cursors -------------------------------------------------------------------
 
     def issue_state(self, issue: int) -> dict[str, Any]:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             row = c.execute(select(issues).where(issues.c.issue == issue)).mappings().first()
         if row is None:
             return {"issue": issue, "comments_seen": 0, "last_comment_id": 0, "waiting": None}
@@ -300,7 +300,7 @@ class Outbox:
 
     def set_issue_state(self, issue: int, **values: Any) -> None:
         t = now()
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             n = c.execute(update(issues).where(issues.c.issue == issue)
                           .values(updated_at=t, **values)).rowcount
             if not n:
@@ -308,19 +308,19 @@ class Outbox:
                 c.execute(insert(issues).values(issue=issue, updated_at=t, **row))
 
     def waiting_issues(self) -> list[int]:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             return [r[0] for r in c.execute(select(issues.c.issue).where(issues.c.waiting.is_not(None)))]
 
     # --- small key/value state -------------------------------------------------------------------
 
     def get_state(self, key: str, default: Any = None) -> Any:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             row = c.execute(select(state.c.value).where(state.c.key == key)).first()
         return json.loads(row[0]) if row else default
 
     def set_state(self, key: str, value: Any) -> None:
         text = json.dumps(value)
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             if not c.execute(update(state).where(state.c.key == key).values(value=text)).rowcount:
                 c.execute(insert(state).values(key=key, value=text))
 
@@ -332,7 +332,7 @@ class Outbox:
         host = host or socket.gethostname()
         t = now()
         values = dict(owner=owner, host=host, pid=os.getpid(), expires_at=t + ttl)
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             row = c.execute(select(leases).where(leases.c.role == role)).mappings().first()
             if row is None:
                 try:
@@ -351,11 +351,11 @@ class Outbox:
             return bool(n)
 
     def release_lease(self, role: str, owner: str) -> None:
-        with self.store._write() as c:
+        with self.store.transaction() as c:
             c.execute(delete(leases).where(leases.c.role == role, leases.c.owner == owner))
 
     def lease(self, role: str) -> dict[str, Any] | None:
-        with self.store._read() as c:
+        with self.store.reading() as c:
             row = c.execute(select(leases).where(leases.c.role == role)).mappings().first()
         return dict(row) if row else None
 
