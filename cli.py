@@ -137,20 +137,12 @@ def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data:
       lab train --preset tiny --arch refiner --set max_steps=200 --set lr=1e-3
       lab train --resume train-20261125-173000-abc123 --set max_steps=400
     """
-    import json as json_mod
-    from pathlib import Path
-
     import config
     import jobs
-    from models.train import LAST, TrainingDiverged
+    from jobs.train import resume_values
+    from models.train import TrainingDiverged
 
-    values: dict[str, Any] = {}
-    if resume_run:
-        run_dir = Path(config.paths().runs) / resume_run
-        spec_file = run_dir / "spec.json"
-        if not (run_dir / LAST).exists() or not spec_file.exists():
-            raise BadInput(f"--resume: {run_dir} holds no resumable training run ({LAST}, spec.json)")
-        values = {k: v for k, v in json_mod.loads(spec_file.read_text()).items() if k != "kind"}
+    values: dict[str, Any] = resume_values(resume_run) if resume_run else {}
     overrides = config.parse_assignments(sets)
     values["set"] = {**values.get("set", {}), **overrides}
     for key, value in (("preset", preset), ("arch", arch), ("data", data)):

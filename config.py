@@ -286,6 +286,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# A training run's checkpoints: the latest (to resume) and the best by val_loss (to use).
+CKPT_LAST, CKPT_BEST = "ckpt_last.pt", "ckpt_best.pt"
 # A train job with this preset on the gpu lane is a full run: the queue starts it only when an
 # ablation earned it (--earned-by) or a person forced it (--force --reason).
 GATED_PRESET = "rtx2060"

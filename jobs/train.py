@@ -50,6 +50,17 @@ def data_dir_for(name: str) -> Path:
     return path
 
 
+def resume_values(run_id: str) -> dict[str, Any]:
+    """The spec values a foreground run was started with (its spec.json), so `lab train --resume`
+    continues it; ConfigError naming --resume when the run cannot be resumed."""
+    run_dir = Path(config.paths().runs) / run_id
+    spec_file = run_dir / "spec.json"
+    if not (run_dir / config.CKPT_LAST).exists() or not spec_file.exists():
+        raise ConfigError(f"--resume: {run_dir} holds no resumable training run ({config.CKPT_LAST}, "
+                          "spec.json)")
+    return {k: v for k, v in json.loads(spec_file.read_text()).items() if k != "kind"}
+
+
 def run(spec: Spec, ctx: Any) -> dict[str, Any]:
     from models.train import LAST, train
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from common import git_commit, replace_atomic, utc_now, write_json_atomic
-from config import EVAL_SEED_OFFSET, Config, ConfigError
+from config import CKPT_BEST, CKPT_LAST, EVAL_SEED_OFFSET, Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
 from models.step import TrainingDiverged, TrainStep, autocast_for, lr_at, make_optimizer, uses_fp16
@@ -42,7 +42,7 @@ from models.step import TrainingDiverged, TrainStep, autocast_for, lr_at, make_o
 __all__ = ["BEST", "LAST", "TrainingDiverged", "evaluate", "load_checkpoint", "load_model", "lr_at",
            "make_optimizer", "save_atomic", "train", "uses_fp16"]
 
-LAST, BEST = "ckpt_last.pt", "ckpt_best.pt"
+LAST, BEST = CKPT_LAST, CKPT_BEST
 
 
 def peak_mem_mb(device: torch.device) -> float:
