@@ -178,7 +178,7 @@ def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str,
     import jobs
     from jobs.smoke import check
 
-    values: dict[str, Any] = {"preset": preset, "arch": arch or "", "set": config.parse_assignments(sets)}
+    values: dict[str, Any] = {"preset": preset, "arch": arch, "set": config.parse_assignments(sets)}
     if steps is not None:
         values["steps"] = steps
     spec = jobs.parse_spec("smoke", values)
@@ -211,13 +211,14 @@ def tokenize_cmd(src: tuple[str, ...], name: str, as_json: bool) -> None:
 
 @main.command("eval")
 @click.argument("run")
-@click.option("--n-steps", default=0, type=int,
-              help="Depth at eval (loop passes or layers); 0: the model's own.")
-@click.option("--batches", default=0, type=int, help="Eval batches; 0: the run's eval_batches.")
+@click.option("--n-steps", default=None, type=int,
+              help="Depth at eval (loop passes or layers)  [default: the model's own]")
+@click.option("--batches", default=None, type=int, help="Eval batches  [default: the run's eval_batches]")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @_device_option
 @json_option
-def eval_cmd(run: str, n_steps: int, batches: int, checkpoint: str, device: str, as_json: bool) -> None:
+def eval_cmd(run: str, n_steps: int | None, batches: int | None, checkpoint: str, device: str,
+             as_json: bool) -> None:
     """Evaluate a training run's checkpoint (val_loss, val_bpb) on its dataset's held-out split.
 
     \b
@@ -271,7 +272,7 @@ def ablate_cmd(spec_file: str | None, control: str | None, sets: tuple[str, ...]
 
     if bool(spec_file) == bool(control):
         raise BadInput("--spec: give exactly one of --spec FILE.toml or --control negative|positive")
-    values: dict[str, Any] = {"spec_file": spec_file or "", "control": control or ""}
+    values: dict[str, Any] = {k: v for k, v in (("spec_file", spec_file), ("control", control)) if v}
     values.update(config.parse_assignments(sets))
     spec = resolve(jobs.parse_spec("ablation", values))  # every error before anything trains
     try:
@@ -549,7 +550,9 @@ def kinds_cmd(as_json: bool) -> None:
                 out.append(f"{k['kind']}: unavailable ({k['error']})")
                 continue
             out.append(f"{k['kind']} (lanes: {', '.join(k['lanes'])}): {k['doc']}")
-            out += [f"    {f['name']}: {f['type']} = {f['default']!r}" for f in k["fields"]]
+            out += [f"    {f['name']}: {f['type']} " + ("(required)" if f["required"] else "(optional)"
+                                                        if f["default"] is None else f"= {f['default']!r}")
+                    for f in k["fields"]]
         return "\n".join(out)
 
     emit(service.kinds(), as_json, text)

@@ -12,6 +12,7 @@ torch, so the daemon and the CLI stay light.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import typing
@@ -49,16 +50,33 @@ def setting(default: Any, lo: float | None = None, hi: float | None = None, doc:
     return field(default=default, metadata=_meta(lo, hi, doc))
 
 
+def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    """" (did you mean d_model?)" for the closest known name, or "" when none is close."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 class Validated:
-    """Mixin: every construction checks types, choices and ranges of all fields."""
+    """Mixin: every construction checks types, choices and ranges of all fields, and reports
+    every bad field at once, each named `<owner>.<field>` (`model.d_model`, `sleep.seconds`)."""
+
+    FIELD_PREFIX: typing.ClassVar[str] = ""  # the owner in error names; default the class name
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
+        owner = type(self).FIELD_PREFIX or type(self).__name__
+        problems = []
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            checked = _check_value(type(self).__name__, f.name, hints[f.name], value, f.metadata)
+            try:
+                checked = _check_value(owner, f.name, hints[f.name], value, f.metadata)
+            except ConfigError as e:
+                problems.append(str(e))
+                continue
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
+        if problems:
+            raise ConfigError("; ".join(problems))
         self._check_relations()
 
     def _check_relations(self) -> None:
@@ -66,6 +84,9 @@ class Validated:
 
 
 def type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:  # X | None: an optional X
+        return type_name(next(a for a in args if a is not type(None)))
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
@@ -74,7 +95,13 @@ def type_name(tp: Any) -> str:
 
 
 def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
-    """Return `value` (coerced int->float, list->tuple) or raise ConfigError naming the field."""
+    """Return `value` (coerced int->float, list->tuple) or raise ConfigError naming the field.
+    An optional field (`X | None`) accepts None, meaning "not given"."""
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
     origin = typing.get_origin(tp)
     where = f"{owner}.{name}"
     if origin is Literal:
@@ -105,6 +132,7 @@ def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig(Validated):
+    FIELD_PREFIX = "model"
     arch: Literal["refiner", "reasoner"] = "refiner"
     vocab_size: int = setting(TOKENIZER_VOCAB, 2, 1_000_000, "ids >= vocab_size fold into the last id")
     block_size: int = setting(256, 8, 65_536, "context length in tokens")
@@ -142,25 +170,25 @@ class ModelConfig(Validated):
     def _check_relations(self) -> None:
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ConfigError(
-                f"ModelConfig.n_heads: d_model={self.d_model} must split into {self.n_heads} "
+                f"model.n_heads: d_model={self.d_model} must split into {self.n_heads} "
                 "heads of even size"
             )
         if self.depth_min > self.depth_max:
-            raise ConfigError(f"ModelConfig.depth_min: {self.depth_min} > depth_max {self.depth_max}")
+            raise ConfigError(f"model.depth_min: {self.depth_min} > depth_max {self.depth_max}")
         if self.arch == "reasoner" and self.depth_max > self.n_layers:
             raise ConfigError(
-                f"ModelConfig.depth_max: {self.depth_max} > n_layers {self.n_layers} "
+                f"model.depth_max: {self.depth_max} > n_layers {self.n_layers} "
                 "(the reasoner cannot apply more layers than it owns)"
             )
         if self.arch == "reasoner" and self.depth_eval > self.n_layers:
-            raise ConfigError(f"ModelConfig.depth_eval: {self.depth_eval} > n_layers {self.n_layers}")
+            raise ConfigError(f"model.depth_eval: {self.depth_eval} > n_layers {self.n_layers}")
         # A variant whose knob makes it the default in disguise is refused, so an ablation arm
         # cannot silently test nothing.
         if self.time_signal == "random_offset" and self.time_offset_max < 1:
-            raise ConfigError(f"ModelConfig.time_offset_max: {self.time_offset_max} must be >= 1 with "
+            raise ConfigError(f"model.time_offset_max: {self.time_offset_max} must be >= 1 with "
                               "time_signal='random_offset' (0 is plain 'sinusoid')")
         if self.init_state == "noise" and self.state_noise_std <= 0:
-            raise ConfigError(f"ModelConfig.state_noise_std: {self.state_noise_std:g} must be > 0 with "
+            raise ConfigError(f"model.state_noise_std: {self.state_noise_std:g} must be > 0 with "
                               "init_state='noise' (0 is plain 'zeros')")
 
     @property
@@ -176,6 +204,7 @@ class ModelConfig(Validated):
 
 @dataclass(frozen=True)
 class TrainConfig(Validated):
+    FIELD_PREFIX = "train"
     batch_size: int = setting(16, 1, 65_536)
     grad_accum: int = setting(1, 1, 4096)
     lr: float = setting(6e-4, 0.0, 10.0)
@@ -198,6 +227,7 @@ class TrainConfig(Validated):
 
 @dataclass(frozen=True)
 class PrecisionConfig(Validated):
+    FIELD_PREFIX = "precision"
     # Turing (RTX 2060) has fp16 tensor cores and no bfloat16; there is no bfloat16 choice.
     cuda_dtype: Literal["float16", "float32"] = "float16"
     cpu_dtype: Literal["float32"] = "float32"
@@ -313,15 +343,23 @@ def preset(name: str, arch: str | None = None, **overrides: Any) -> Config:
         raise ConfigError(f"arch: {arch!r} is not an architecture (allowed: {', '.join(ARCHS)})")
     values: dict[str, dict[str, Any]] = {s: dict(PRESETS[name].get(s, {})) for s in _SECTIONS}
     values["model"].update(PRESETS[name].get(arch, {}), arch=arch)
+    problems = []
     for key, value in overrides.items():
-        section, bare = split_key(key)
+        try:
+            section, bare = split_key(key)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
         values[section][bare] = value
-    return Config(
-        name=name,
-        model=ModelConfig(**values["model"]),
-        train=TrainConfig(**values["train"]),
-        precision=PrecisionConfig(**values["precision"]),
-    )
+    built = {}
+    for section, cls in _SECTIONS.items():  # every section's faults, not only the first one's
+        try:
+            built[section] = cls(**values[section])
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return Config(name=name, **built)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -332,7 +370,8 @@ def split_key(key: str) -> tuple[str, str]:
             raise ConfigError(f"{key}: unknown config key (sections: {', '.join(_SECTIONS)})")
         return section, bare
     if key not in CONFIG_KEYS:
-        raise ConfigError(f"{key}: unknown config key (allowed: {', '.join(sorted(CONFIG_KEYS))})")
+        raise ConfigError(f"{key}: unknown config key{did_you_mean(key, CONFIG_KEYS)} "
+                          f"(allowed: {', '.join(sorted(CONFIG_KEYS))})")
     return CONFIG_KEYS[key], key
 
 
@@ -356,16 +395,22 @@ def parse_assignments(pairs: typing.Iterable[str]) -> dict[str, Any]:
 
 
 def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build a validated dataclass (a job's Spec, say) from untrusted keys and values."""
+    """Build a validated dataclass (a job's Spec, say) from untrusted keys and values. Every
+    unknown and missing key is reported at once, on one line, each named `<where>.<key>`."""
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(names))})")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-               and f.name not in values]
-    if missing:
-        raise ConfigError(f"{where}.{missing[0]}: required key is missing")
+    problems = [f"{where}.{key}: unknown key{did_you_mean(key, names)} (allowed: {', '.join(sorted(names))})"
+                for key in values if key not in names]
+    problems += [f"{where}.{f.name}: required key is missing" for f in dataclasses.fields(cls)
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                 and f.name not in values]
+    if problems:
+        try:  # the known keys' own faults belong in the same report
+            cls(**{k: v for k, v in values.items() if k in names})
+        except ConfigError as e:
+            problems.append(str(e))
+        except TypeError:
+            pass  # a required key is missing: already said
+        raise ConfigError("; ".join(problems))
     return cls(**values)
 
 
@@ -375,6 +420,7 @@ def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
 
 @dataclass(frozen=True)
 class AblationConfig(Validated):
+    FIELD_PREFIX = "ablation_config"
     seeds: int = setting(3, 1, 100)
     confidence: float = setting(0.95, 0.5, 0.999)
     # `better` needs the paired interval to exclude zero AND a mean gain of at least this much
@@ -398,6 +444,8 @@ ABLATION = AblationConfig()
 @dataclass(frozen=True)
 class TaskSizes(Validated):
     """Sizes of the generated tasks (harness/tasks.py documents what each must do)."""
+
+    FIELD_PREFIX = "tasks"
 
     khop_max_jump: int = setting(4, 1, 9, "khop: pointers jump 1..m back; chance is 1/m")
     khop_length: int = setting(48, 8, 4096, "khop: pointers per line")
@@ -429,6 +477,7 @@ TASKS = TaskSizes()
 
 @dataclass(frozen=True)
 class QueueConfig(Validated):
+    FIELD_PREFIX = "queue"
     lease_seconds: float = setting(30.0, 1.0, 86_400.0, "a running job's lease; renewed by heartbeats")
     heartbeat_seconds: float = setting(5.0, 0.1, 3600.0)
     sweep_seconds: float = setting(10.0, 0.5, 3600.0, "how often expired leases are requeued")
@@ -466,7 +515,7 @@ class QueueConfig(Validated):
         # A job stops itself after 3/4 of the lease without a renewal (workers/run.py): a lease
         # shorter than a few heartbeats would kill every job (and let healthy ones be requeued).
         if self.heartbeat_seconds * 3 > self.lease_seconds:
-            raise ConfigError(f"QueueConfig.heartbeat_seconds: {self.heartbeat_seconds:g} must be at most "
+            raise ConfigError(f"queue.heartbeat_seconds: {self.heartbeat_seconds:g} must be at most "
                               f"a third of lease_seconds ({self.lease_seconds:g})")
 
 
@@ -494,6 +543,7 @@ def queue_config() -> QueueConfig:
 
 @dataclass(frozen=True)
 class RecordsConfig(Validated):
+    FIELD_PREFIX = "records"
     # A hot run directory whose files moved to the archive keeps only this small file.
     pointer_file: str = "ARCHIVED.json"
     # Written into the archived copy: relative path -> size and sha256 of every file.
@@ -508,6 +558,7 @@ RECORDS = RecordsConfig()
 class SystemdConfig(Validated):
     """The unit `lab service print` writes (daemon/systemd.py)."""
 
+    FIELD_PREFIX = "systemd"
     # TimeoutStopSec: the daemon needs QueueConfig.shutdown_seconds + kill grace to stop.
     stop_seconds: int = setting(60, 30, 3600)
     restart_seconds: int = setting(5, 1, 3600)
@@ -520,6 +571,7 @@ SYSTEMD = SystemdConfig()
 class CommentConfig(Validated):
     """What a comment of the GitHub bridge may hold (bridge/render.py)."""
 
+    FIELD_PREFIX = "comments"
     max_chars: int = setting(65_536, 1_000, 1_000_000, "GitHub refuses a longer comment body")
     log_tail_lines: int = setting(60, 1, 10_000, "a failed job's comment quotes this much of its log")
     log_tail_chars: int = setting(8_000, 100, 1_000_000)
@@ -535,6 +587,7 @@ COMMENTS = CommentConfig()
 class McpConfig(Validated):
     """Bounds of the MCP tools' arguments (daemon/mcp_server.py)."""
 
+    FIELD_PREFIX = "mcp"
     max_wait_seconds: float = setting(3600.0, 1.0, 86_400.0, "one `wait` call blocks at most this long")
     max_log_lines: int = setting(2000, 1, 1_000_000, "one `logs` call returns at most this many lines")
 

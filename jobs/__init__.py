@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from config import ConfigError, from_mapping
+from config import ConfigError, did_you_mean, from_mapping
 
 LANES = ("gpu", "cpu")
 
@@ -64,8 +64,10 @@ def _module_exists(module: str) -> bool:
 def get_kind(name: str) -> JobKind:
     """The kind called `name`; an unknown name is a ConfigError listing the known ones."""
     if name not in kind_names():
-        raise ConfigError(f"kind: unknown job kind {name!r} (allowed: {', '.join(kind_names())})")
+        raise ConfigError(f"kind: unknown job kind {name!r}{did_you_mean(name, kind_names())} "
+                          f"(allowed: {', '.join(kind_names())})")
     mod = importlib.import_module(_MODULES[name])
+    mod.Spec.FIELD_PREFIX = name  # errors name `<kind>.<field>`: sleep.seconds, not Spec.seconds
     return JobKind(name=name, spec=mod.Spec, lanes=tuple(mod.LANES), run=mod.run,
                    doc=(mod.__doc__ or "").strip())
 
@@ -88,5 +90,6 @@ def check_lane(kind: str, lane: str | None) -> str:
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """The spec as a person would write it: keys left at None (not given) are left out."""
     assert is_dataclass(spec)
-    return asdict(spec)  # type: ignore[arg-type]
+    return {k: v for k, v in asdict(spec).items() if v is not None}  # type: ignore[arg-type]

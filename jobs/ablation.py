@@ -4,15 +4,15 @@ steps or seconds, preset, baseline, primary (required: the cell the verdict read
 arms), or `spec_file` naming such a file, or
 `control` = negative | positive. Writes ablation.json, report.md and accuracy.png.
 
-Keys left at their defaults here ("", 0, -1, []) mean: from the spec file, or the harness's
-default (harness/ablate.py AblationSpec).
+A key left out means: from the spec file, or the harness's default (harness/ablate.py
+AblationSpec).
 
 Example: lab submit ablation --lane cpu --set spec_file=harness/specs/khop_default.toml
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 LANES = ("cpu", "gpu")
@@ -20,33 +20,35 @@ LANES = ("cpu", "gpu")
 
 @dataclass(frozen=True)
 class Spec:
-    spec_file: str = ""  # a toml spec; keys given here as well override the file's
-    control: str = ""  # "negative" | "positive": a shipped control instead
-    arms: list = field(default_factory=list)  # [{name, arch, n_steps, set}, ...]
-    baseline: str = ""
-    task: str = ""
-    task_dir: str = ""
-    seeds: int = 0
-    seed_offset: int = -1
-    steps: int = -1
-    seconds: float = -1.0
-    preset: str = ""
-    primary: str = ""
-    why: str = ""
-    eval_examples: int = 0
-    eval_depths: list = field(default_factory=list)  # test depths, e.g. [1, 2, 4, 8, 16, 32]
-    train_max_difficulty: int = -1
-    matched: list = field(default_factory=list)  # axes the comparison claims to match
+    """Every key is optional here: one left out comes from spec_file (or the control), else
+    from the harness's own default (harness/ablate.py AblationSpec), which requires `arms`,
+    `baseline` and `primary`."""
+
+    spec_file: str | None = None  # a toml spec; keys given here as well override the file's
+    control: str | None = None  # "negative" | "positive": a shipped control instead
+    arms: list | None = None  # [{name, arch, n_steps, set}, ...]
+    baseline: str | None = None
+    task: str | None = None
+    task_dir: str | None = None
+    seeds: int | None = None
+    seed_offset: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    preset: str | None = None
+    primary: str | None = None  # the cell the verdict reads: split[:bucket][@depth]
+    why: str | None = None
+    eval_examples: int | None = None
+    eval_depths: list | None = None  # test depths, e.g. [1, 2, 4, 8, 16, 32]
+    train_max_difficulty: int | None = None
+    matched: list | None = None  # axes the comparison claims to match
 
     def __post_init__(self) -> None:
         resolve(self)  # validate everything at submit time: the error names the field
 
     def given(self) -> dict[str, Any]:
-        """The harness keys this spec sets (the sentinels above mean 'not given')."""
-        unset = {"arms": [], "baseline": "", "task": "", "task_dir": "", "seeds": 0, "seed_offset": -1,
-                 "steps": -1, "seconds": -1.0, "preset": "", "primary": "", "why": "", "eval_examples": 0,
-                 "eval_depths": [], "train_max_difficulty": -1, "matched": []}
-        return {k: getattr(self, k) for k, v in unset.items() if getattr(self, k) != v}
+        """The harness keys this spec sets (None means "not given")."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("spec_file", "control") and getattr(self, f.name) is not None}
 
 
 def resolve(spec: Spec) -> Any:

@@ -22,10 +22,10 @@ LANES = ("cpu",)
 @dataclass(frozen=True)
 class Spec(Validated):
     runs: tuple[str, ...] = ()
-    older_than_days: float = setting(-1.0, -1.0, 36_500.0, "archive finished runs older than this; -1: off")
+    older_than_days: float | None = setting(None, 0.0, 36_500.0, "archive finished runs older than this")
 
     def _check_relations(self) -> None:
-        if not self.runs and self.older_than_days < 0:
+        if not self.runs and self.older_than_days is None:
             raise ConfigError("archive.runs: name runs to archive, or set older_than_days")
         for name in self.runs:
             if not name or "/" in name or name.startswith("."):
@@ -35,7 +35,7 @@ class Spec(Validated):
 def run(spec: Spec, ctx: Any) -> dict[str, Any]:
     import records
 
-    older = spec.older_than_days if spec.older_than_days >= 0 else None
+    older = spec.older_than_days
     # Never archive the directory this job is writing its own log into.
     result = records.archive_runs(list(spec.runs), older, exclude=frozenset({ctx.run_dir.name}))
     total = len(result["archived"]) + len(result["failed"])

@@ -18,8 +18,9 @@ LANES = ("gpu", "cpu")
 @dataclass(frozen=True)
 class Spec(Validated):
     run: str  # a run id under $LAB_RUNS, or a path to a run directory
-    n_steps: int = setting(0, 0, 1024, "depth at eval (loop passes or layers); 0 = the model's depth_eval")
-    batches: int = setting(0, 0, 100_000, "eval batches; 0 = the run's eval_batches")
+    n_steps: int | None = setting(None, 1, 1024, "depth at eval (loop passes or layers); "
+                                  "default the model's depth_eval")
+    batches: int | None = setting(None, 1, 100_000, "eval batches; default the run's eval_batches")
     checkpoint: Literal["best", "last"] = "best"
 
     def _check_relations(self) -> None:

@@ -27,7 +27,7 @@ class Spec(Validated):
     seconds: float = setting(1.0, 0.0, 86_400.0, "how long to sleep")
     fail: bool = False
     exit_code: int = setting(0, 0, 255, "leave the process with this code (no result)")
-    signal: str = ""
+    signal: str | None = None  # e.g. "SIGKILL": the job kills itself with it
     child: bool = False
 
     def _check_relations(self) -> None:

@@ -28,7 +28,7 @@ class SmokeFailed(RuntimeError):
 @dataclass(frozen=True)
 class Spec(Validated):
     preset: str = "tiny"
-    arch: str = ""  # "" = config.default_arch()
+    arch: str | None = None  # None: config.default_arch()
     steps: int = setting(40, 4, 100_000, "optimizer steps")
     set: dict = field(default_factory=dict)  # config overrides by key
 

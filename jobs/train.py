@@ -21,7 +21,7 @@ LANES = ("gpu", "cpu")
 @dataclass(frozen=True)
 class Spec(Validated):
     preset: str = "tiny"
-    arch: str = ""  # "" = config.default_arch()
+    arch: str | None = None  # None: config.default_arch()
     set: dict = field(default_factory=dict)  # config overrides by key, e.g. {"d_model": 128}
     data: str = SAMPLE_DATASET  # a dataset under $LAB_RUNS/data (`lab tokenize`)
     resume: bool = True  # continue from this run's ckpt_last.pt when there is one

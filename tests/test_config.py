@@ -62,11 +62,11 @@ def test_unknown_key_names_the_key():
 
 
 @pytest.mark.parametrize("key, value, field", [
-    ("d_model", "big", "ModelConfig.d_model"),
-    ("d_model", 64.0, "ModelConfig.d_model"),
-    ("n_heads", True, "ModelConfig.n_heads"),  # a bool is not an int here
-    ("lr", "fast", "TrainConfig.lr"),
-    ("activation_checkpointing", 1, "ModelConfig.activation_checkpointing"),
+    ("d_model", "big", "model.d_model"),
+    ("d_model", 64.0, "model.d_model"),
+    ("n_heads", True, "model.n_heads"),  # a bool is not an int here
+    ("lr", "fast", "train.lr"),
+    ("activation_checkpointing", 1, "model.activation_checkpointing"),
 ])
 def test_wrong_type_names_the_field(key, value, field):
     message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
@@ -74,10 +74,10 @@ def test_wrong_type_names_the_field(key, value, field):
 
 
 @pytest.mark.parametrize("key, value, field", [
-    ("d_model", 0, "ModelConfig.d_model"),
-    ("vocab_size", 1, "ModelConfig.vocab_size"),
-    ("beta2", 1.5, "TrainConfig.beta2"),
-    ("val_fraction", 0.9, "TrainConfig.val_fraction"),
+    ("d_model", 0, "model.d_model"),
+    ("vocab_size", 1, "model.vocab_size"),
+    ("beta2", 1.5, "train.beta2"),
+    ("val_fraction", 0.9, "train.val_fraction"),
 ])
 def test_out_of_range_names_the_field_and_range(key, value, field):
     message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
@@ -108,15 +108,15 @@ def test_refiner_variants_default_to_the_seed_design():
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("update_rule", "gru", ["ModelConfig.update_rule", "gated_residual", "gated_blend", "replace"]),
-    ("time_signal", "rope", ["ModelConfig.time_signal", "sinusoid", "none", "learned", "random_offset"]),
-    ("init_state", "ones", ["ModelConfig.init_state", "zeros", "noise"]),
-    ("init_scale_depth", "depth_max", ["ModelConfig.init_scale_depth", "distinct_blocks"]),
-    ("progressive_loss_weight", 1.5, ["ModelConfig.progressive_loss_weight", "out of range"]),
-    ("progressive_loss_weight", -0.1, ["ModelConfig.progressive_loss_weight", "out of range"]),
-    ("state_noise_std", -1.0, ["ModelConfig.state_noise_std", "out of range"]),
-    ("time_offset_max", -1, ["ModelConfig.time_offset_max", "out of range"]),
-    ("time_offset_max", 2.0, ["ModelConfig.time_offset_max", "expected int"]),
+    ("update_rule", "gru", ["model.update_rule", "gated_residual", "gated_blend", "replace"]),
+    ("time_signal", "rope", ["model.time_signal", "sinusoid", "none", "learned", "random_offset"]),
+    ("init_state", "ones", ["model.init_state", "zeros", "noise"]),
+    ("init_scale_depth", "depth_max", ["model.init_scale_depth", "distinct_blocks"]),
+    ("progressive_loss_weight", 1.5, ["model.progressive_loss_weight", "out of range"]),
+    ("progressive_loss_weight", -0.1, ["model.progressive_loss_weight", "out of range"]),
+    ("state_noise_std", -1.0, ["model.state_noise_std", "out of range"]),
+    ("time_offset_max", -1, ["model.time_offset_max", "out of range"]),
+    ("time_offset_max", 2.0, ["model.time_offset_max", "expected int"]),
 ])
 def test_bad_refiner_variant_values_name_the_field(key, value, words):
     message = one_line_error(config.preset, "tiny", "refiner", **{key: value})
@@ -126,9 +126,9 @@ def test_bad_refiner_variant_values_name_the_field(key, value, words):
 def test_refiner_variant_relations():
     message = one_line_error(config.preset, "tiny", "refiner", time_signal="random_offset",
                              time_offset_max=0)
-    assert "ModelConfig.time_offset_max" in message and "random_offset" in message
+    assert "model.time_offset_max" in message and "random_offset" in message
     message = one_line_error(config.preset, "tiny", "refiner", init_state="noise", state_noise_std=0.0)
-    assert "ModelConfig.state_noise_std" in message and "noise" in message
+    assert "model.state_noise_std" in message and "noise" in message
     # the knobs alone (their variant not chosen) are harmless, so a sweep may keep them set
     assert config.preset("tiny", "refiner", time_offset_max=0, state_noise_std=0.0).model.time_offset_max == 0
 
@@ -136,7 +136,7 @@ def test_refiner_variant_relations():
 def test_bad_arch_names_the_allowed_ones():
     message = one_line_error(config.preset, "tiny", "transformer")
     assert "'transformer'" in message and "refiner" in message and "reasoner" in message
-    assert "ModelConfig.arch" in one_line_error(config.ModelConfig, arch="rnn")
+    assert "model.arch" in one_line_error(config.ModelConfig, arch="rnn")
 
 
 def test_model_arch_default_and_environment_override(monkeypatch):
@@ -190,3 +190,18 @@ def test_import_config_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_unknown_key_suggests_the_closest_and_every_fault_is_reported():
+    """One line, every fault: unknown keys (with the closest known name) and bad values."""
+    message = one_line_error(config.preset, "tiny", "refiner", d_modle=8)
+    assert message.startswith("d_modle: unknown config key (did you mean d_model?)")
+    both = one_line_error(config.preset, "tiny", "refiner", d_model=0, lr="fast")
+    assert "model.d_model: 0 is out of range" in both and "train.lr: expected float" in both
+
+    import jobs
+
+    sleep = one_line_error(jobs.parse_spec, "sleep", {"secs": 1, "fail": "maybe", "exit_code": 900})
+    assert "sleep.secs: unknown key (did you mean seconds?)" in sleep
+    assert "sleep.fail: expected bool" in sleep and "sleep.exit_code: 900 is out of range" in sleep
+    assert "did you mean sleep?" in one_line_error(jobs.parse_spec, "sleeep", {})
