@@ -31,12 +31,12 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 import config
-from common import git_commit, write_json_atomic
+from common import git_commit, utc_now, write_json_atomic
 from config import ConfigError
 from harness import stats
 from harness.tasks import TASK_NAMES, Task, make_task
@@ -61,11 +61,13 @@ MATCH_AXES = ("params", "distinct_blocks", "train_flops", "inference_flops")
 
 
 @dataclass(frozen=True)
-class ArmSpec:
+class ArmSpec(config.Validated):
+    FIELD_PREFIX = "arm"  # parse_spec names it ablation.arms[i]
+
     name: str
-    arch: str
-    n_steps: int | None = None
-    set: dict[str, Any] = field(default_factory=dict)
+    arch: Literal["refiner", "reasoner"]
+    n_steps: int | None = config.setting(None, 1, 128, "the arm's depth at test")
+    set: dict = field(default_factory=dict)  # config overrides
 
 
 @dataclass(frozen=True)
@@ -91,26 +93,32 @@ class PrimaryCell:
 
 
 @dataclass(frozen=True)
-class AblationSpec:
+class AblationSpec(config.Validated):
     """A validated ablation. Construction checks everything that can be checked without
-    training: the errors are one line and name the field."""
+    training (types and ranges here, relations in _check_relations): the errors are one line
+    and name the field, `ablation.<key>`."""
+
+    FIELD_PREFIX = "ablation"
 
     arms: tuple[ArmSpec, ...]
     baseline: str
     primary: str  # the cell the verdict reads, split[:bucket][@depth]; chosen before the run
     task: str = "khop"
     task_dir: str = ""
-    seeds: int = config.ABLATION.seeds
-    seed_offset: int = 0  # seeds are seed_offset .. seed_offset + seeds - 1
-    steps: int = 0  # 0: the preset's max_steps
-    seconds: float = 0.0  # > 0: a wall-clock budget per (arm, seed) instead of steps
+    seeds: int = config.setting(config.ABLATION.seeds, 1, 100)
+    seed_offset: int = config.setting(0, 0, 1_000_000, "seeds are seed_offset .. seed_offset + seeds - 1")
+    steps: int = config.setting(0, 0, 100_000_000, "0: the preset's max_steps")
+    seconds: float = config.setting(0.0, 0.0, 1e9, "> 0: a wall-clock budget per (arm, seed)")
     preset: str = "ablation"
     why: str = ""  # required when seeds < 3: why fewer seeds are enough
-    eval_examples: int = config.ABLATION.eval_examples
-    eval_depths: tuple[int, ...] = config.ABLATION.eval_depths
-    train_max_difficulty: int | None = None  # cut the training targets (None: the task's own cut)
+    eval_examples: int = config.setting(config.ABLATION.eval_examples, 10, 1_000_000)
+    eval_depths: tuple[int, ...] = config.setting(config.ABLATION.eval_depths, 1, 1024)
+    train_max_difficulty: int | None = config.setting(None, 0, 1_000_000, "cut the training targets here")
     matched: tuple[str, ...] = ()  # axes on which the verdict's comparison (first tested arm vs
     # baseline) is matched, within ABLATION.match_ratio (MATCH_AXES); checked at validation
+
+    def _check_relations(self) -> None:
+        _check_spec(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -127,19 +135,15 @@ class AblationSpec:
         return list(range(self.seed_offset, self.seed_offset + self.seeds))
 
 
-def _expect(where: str, value: Any, tp: type | tuple[type, ...], what: str) -> None:
-    if not isinstance(value, tp) or isinstance(value, bool) and tp is not bool:
-        raise ConfigError(f"{where}: expected {what}, got {type(value).__name__} {value!r}")
-
-
 def parse_spec(values: dict[str, Any]) -> AblationSpec:
     """Untrusted mapping (a toml file, a queue spec) -> AblationSpec, or ConfigError naming the
     field. The task directory is read here too, so a bad file fails before training."""
     values = dict(values)
     allowed = {f.name for f in dataclasses.fields(AblationSpec)}
-    for key in values:
-        if key not in allowed:
-            raise ConfigError(f"ablation.{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    unknown = [f"ablation.{key}: unknown key{config.did_you_mean(key, allowed)} "
+               f"(allowed: {', '.join(sorted(allowed))})" for key in values if key not in allowed]
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     raw_arms = values.pop("arms", None)
     if not isinstance(raw_arms, (list, tuple)) or len(raw_arms) < 2:
         raise ConfigError("ablation.arms: at least 2 arms are needed ([[arms]] tables)")
@@ -148,24 +152,12 @@ def parse_spec(values: dict[str, Any]) -> AblationSpec:
         where = f"ablation.arms[{i}]"
         if isinstance(raw, ArmSpec):
             raw = dataclasses.asdict(raw)
-        _expect(where, raw, dict, "a table")
-        for key in raw:
-            if key not in _ARM_KEYS:
-                raise ConfigError(f"{where}.{key}: unknown arm key (allowed: {', '.join(_ARM_KEYS)})")
-        if "name" not in raw or "arch" not in raw:
-            raise ConfigError(f"{where}.{'name' if 'name' not in raw else 'arch'}: required key is missing")
-        _expect(f"{where}.name", raw["name"], str, "a string")
-        if raw["arch"] not in config.ARCHS:
-            raise ConfigError(f"{where}.arch: {raw['arch']!r} is not an architecture "
-                              f"(allowed: {', '.join(config.ARCHS)})")
-        n_steps = raw.get("n_steps")
-        if n_steps is not None:
-            _expect(f"{where}.n_steps", n_steps, int, "an integer")
-            if not 1 <= n_steps <= 128:
-                raise ConfigError(f"{where}.n_steps: {n_steps} is out of range (allowed: [1, 128])")
-        sets = raw.get("set", {})
-        _expect(f"{where}.set", sets, dict, "a table of config keys")
-        arms.append(ArmSpec(name=raw["name"], arch=raw["arch"], n_steps=n_steps, set=dict(sets)))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(raw).__name__} {raw!r}")
+        try:
+            arms.append(config.from_mapping(ArmSpec, raw, where))
+        except ConfigError as e:  # the arm's own fault names read ablation.arms[i].<key>
+            raise ConfigError(re.sub(r"(^|; )arm\.", rf"\g<1>{where}.", str(e))) from None
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"ablation.arms: arm names must be unique (got {', '.join(names)})")
@@ -174,50 +166,22 @@ def parse_spec(values: dict[str, Any]) -> AblationSpec:
             hint = (" (the cell the verdict reads, chosen before the run: split[:bucket][@depth], "
                     "e.g. primary = \"hops3\")") if key == "primary" else ""
             raise ConfigError(f"ablation.{key}: required key is missing{hint}")
-    types = {"baseline": (str, "a string"), "task": (str, "a string"), "task_dir": (str, "a string"),
-             "seeds": (int, "an integer"), "seed_offset": (int, "an integer"), "steps": (int, "an integer"),
-             "seconds": ((int, float), "a number"), "train_max_difficulty": (int, "an integer"),
-             "preset": (str, "a string"), "primary": (str, "a string"), "why": (str, "a string"),
-             "eval_examples": (int, "an integer"), "eval_depths": ((list, tuple), "a list of integers"),
-             "matched": ((list, tuple), "a list of strings")}
-    for key, value in values.items():
-        _expect(f"ablation.{key}", value, types[key][0], types[key][1])
-    if "seconds" in values:
-        values["seconds"] = float(values["seconds"])
-    for key, tp, what in (("eval_depths", int, "integers"), ("matched", str, "strings")):
-        if key in values:
-            for v in values[key]:
-                _expect(f"ablation.{key}", v, tp, f"a list of {what}")
-            values[key] = tuple(values[key])
-    spec = AblationSpec(arms=tuple(arms), **values)
-    _check_spec(spec)
-    return spec
+    return AblationSpec(arms=tuple(arms), **values)  # types, ranges, then _check_spec
 
 
 def _check_spec(spec: AblationSpec) -> None:
     if spec.baseline not in [a.name for a in spec.arms]:
         raise ConfigError(f"ablation.baseline: {spec.baseline!r} is not an arm "
                           f"(arms: {', '.join(a.name for a in spec.arms)})")
-    if not 1 <= spec.seeds <= 100:
-        raise ConfigError(f"ablation.seeds: {spec.seeds} is out of range (allowed: [1, 100])")
     if spec.seeds < 3 and not spec.why:
         raise ConfigError(f"ablation.seeds: {spec.seeds} < 3 needs a reason in `why`")
-    if not 0 <= spec.seed_offset <= 1_000_000:
-        raise ConfigError(f"ablation.seed_offset: {spec.seed_offset} is out of range (allowed: [0, 1000000])")
-    if spec.steps < 0 or spec.seconds < 0:
-        raise ConfigError("ablation.steps: steps and seconds must be >= 0")
     if spec.steps and spec.seconds:
         raise ConfigError("ablation.seconds: give steps or seconds, not both")
-    if not 10 <= spec.eval_examples <= 1_000_000:
-        raise ConfigError(f"ablation.eval_examples: {spec.eval_examples} is out of range "
-                          "(allowed: [10, 1000000])")
-    if not spec.eval_depths or any(not 1 <= d <= 1024 for d in spec.eval_depths):
-        raise ConfigError(f"ablation.eval_depths: {list(spec.eval_depths)} must be 1 to 1024 passes each")
+    if not spec.eval_depths:
+        raise ConfigError("ablation.eval_depths: give at least one test depth")
     for axis in spec.matched:
         if axis not in MATCH_AXES:
             raise ConfigError(f"ablation.matched: unknown axis {axis!r} (allowed: {', '.join(MATCH_AXES)})")
-    if spec.train_max_difficulty is not None and spec.train_max_difficulty < 0:
-        raise ConfigError(f"ablation.train_max_difficulty: {spec.train_max_difficulty} must be >= 0")
     if spec.preset not in config.PRESETS:
         raise ConfigError(f"ablation.preset: unknown preset {spec.preset!r} "
                           f"(allowed: {', '.join(config.PRESETS)})")
@@ -630,7 +594,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
                      for r in sorted(results, key=lambda r: (r.arm_index, r.seed))],
         "summary": summary, "git_commit": commit, "versions": _versions(),
         "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"), "host": config.paths().host,
+        "finished": utc_now(), "host": config.paths().host,
     }
     write_json_atomic(run_dir / "ablation.json", _finite(record))
     (run_dir / "report.md").write_text(render_report(spec, task, summary), encoding="utf-8")

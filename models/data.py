@@ -18,12 +18,12 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common import utc_now
 from config import (
     DATA_SHARD_TOKENS,
     DATASET_NAME_RE,
@@ -143,7 +143,7 @@ def tokenize_files(src_paths: list[str] | tuple[str, ...], name: str,
             "documents": len(sources),
             "sources": source_meta,
             "shards": writer.shards,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created_at": utc_now(),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared

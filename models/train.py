@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import git_commit, replace_atomic, utc_now, write_json_atomic
+from common import git_commit, replace_atomic, utc_now, write_atomic, write_json_atomic
 from config import CKPT_BEST, CKPT_LAST, EVAL_SEED_OFFSET, Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
@@ -253,9 +253,7 @@ class _Trainer:
         if not path.exists():
             return
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
     def save(self, name: str) -> None:
         if not self.checkpoints:

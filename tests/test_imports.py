@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Rooms from the top down; a module may import its own room and any room below it, never one
 # above. The store is a leaf that the daemon and the job process (workers) both use.
-ROOMS = ["cli", "bridge", "daemon", "workers", "jobs", "records", "harness", "models", "store", "common",
-         "config"]
+ROOMS = ["cli", "guard", "bridge", "daemon", "workers", "jobs", "records", "harness", "models", "store",
+         "common", "config"]
 RANK = {room: i for i, room in enumerate(ROOMS)}
 # Rooms that share a rank: neither may import the other.
 PEERS = [{"records", "harness"}, {"models", "store"}]
