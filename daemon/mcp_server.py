@@ -18,6 +18,8 @@ from pydantic import Field
 
 import config
 from config import ConfigError
+from daemon import service
+from store import StateError
 
 # `wait` holds the call open; agents' MCP clients time requests out, so it is bounded and says
 # `timed_out` rather than failing. Call it again to keep waiting.
@@ -33,8 +35,6 @@ gpu lane needs `earned_by` = a succeeded ablation with verdict `better` (or forc
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """The queue's own errors (bad spec, unknown job, wrong state) become tool errors the agent reads."""
-    from store import StateError
-
     try:
         return fn(*args, **kwargs)
     except (ConfigError, StateError, FileNotFoundError) as e:
@@ -56,8 +56,6 @@ def submit(
     issue: Annotated[int | None, Field(description="GitHub issue the result is posted to")] = None,
 ) -> dict[str, Any]:
     """Queue a job (validated like `lab submit`); returns the job as `show` does."""
-    from daemon import service
-
     return _call(service.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
                  timeout_s=timeout_s, issue=issue, earned_by=earned_by, force=force, reason=reason,
                  source="mcp")
@@ -65,15 +63,11 @@ def submit(
 
 def status() -> dict[str, Any]:
     """Both lanes (running, queued, blocked, paused), recent jobs, whether a daemon is alive, disk."""
-    from daemon import service
-
     return _call(service.status)
 
 
 def show(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
     """One job: kind, lane, status, spec, times (ISO 8601 UTC), attempts, exit code, error, result."""
-    from daemon import service
-
     return _call(service.show, job_id)
 
 
@@ -83,8 +77,6 @@ def wait(
                                       gt=0, le=MAX_WAIT_SECONDS)] = 300.0,
 ) -> dict[str, Any]:
     """Block until the job ends or timeout_s passes; returns the job plus `timed_out`."""
-    from daemon import service
-
     try:
         job = _call(service.wait, job_id, timeout_s)
     except service.WaitTimeout:
@@ -97,8 +89,6 @@ def logs(
     tail_lines: Annotated[int, Field(description="Last N lines", ge=1, le=MAX_LOG_LINES)] = 200,
 ) -> dict[str, Any]:
     """The last lines of a job's log (runs/<id>/log.txt on the host that ran it)."""
-    from daemon import service
-
     return _call(service.logs, job_id, tail_lines)
 
 
@@ -107,22 +97,16 @@ def cancel(
     reason: Annotated[str, Field(description="Recorded with the job")] = "cancelled by agent",
 ) -> dict[str, Any]:
     """Cancel a job: a waiting one at once, a running one by killing its process group."""
-    from daemon import service
-
     return _call(service.cancel, job_id, reason)
 
 
 def retry(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
     """Put a failed or cancelled job back in the queue (attempts from zero); returns it as show does."""
-    from daemon import service
-
     return _call(service.retry, job_id)
 
 
 def kinds() -> list[dict[str, Any]]:
     """Job kinds, their lanes and spec fields (name, type, default, doc)."""
-    from daemon import service
-
     return _call(service.kinds)
 
 

@@ -610,10 +610,6 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     return summary
 
 
-def _jsonable(x: Any) -> Any:
-    return str(x)
-
-
 def _finite(x: Any) -> Any:
     """A copy of x with every nan or inf float replaced by None."""
     if isinstance(x, float):
