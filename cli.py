@@ -99,11 +99,15 @@ def _foreground(kind: str, device: str, run_id: str | None = None) -> Any:
 
     import config
     from jobs.context import LocalContext
+    from workers.gpu_lock import hold_card_if_cuda
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device: cuda is not available on this machine")
+    # The card's machine-wide lock, as a queue job takes it: a foreground run never overlaps the
+    # GPU lane's job (a wait prints who holds the card).
+    hold_card_if_cuda(device)
     run_dir = Path(config.paths().runs) / (run_id or _new_run_id(kind))
     return LocalContext(run_dir, lane="gpu" if device == "cuda" else "cpu", device=device)
 

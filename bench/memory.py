@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
 from models import build_model, count_params  # noqa: E402
+from workers.gpu_lock import hold_card_if_cuda  # noqa: E402
 
 GIB = 2**30
 MICRO_BATCHES = 2
@@ -151,6 +152,7 @@ def main() -> None:
           f"{m.block_size} (grad_accum {cfg.train.grad_accum}), training depth {m.depth_max}, "
           f"loss chunk {m.loss_chunk_tokens}, activation checkpointing {m.activation_checkpointing}")
     if torch.cuda.is_available() and not args.cpu:
+        hold_card_if_cuda("cuda")  # never beside the GPU lane's job: one lock per card, machine-wide
         print(f"device: {torch.cuda.get_device_name(0)}, cap {args.cap_gib or 'none'} GiB")
         try:
             peak = measure_cuda(cfg, batch, args.cap_gib)

@@ -113,7 +113,8 @@ def main() -> None:
     results = {}
     for name, fn in (("daemon", through_daemon), ("bare", through_bare_huey)):
         tmp = Path(tempfile.mkdtemp(prefix=f"lab-bench-{name}-"))
-        env = dict(os.environ, **FAST, LAB_RUNS=str(tmp / "runs"), LAB_HOST="bench")
+        env = dict(os.environ, **FAST, LAB_RUNS=str(tmp / "runs"), LAB_HOST="bench",
+                   LAB_GPU_LOCK_DIR=str(tmp / "gpu-lock"))
         env["LAB_DB"] = args.db if args.db else str(tmp / "queue.db")
         if args.broker:
             env["LAB_BROKER"] = args.broker

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.flops import train_flops_at_depth  # noqa: E402
+from workers.gpu_lock import hold_card_if_cuda  # noqa: E402
 
 # CPU default: the harness preset pinned to d_model 128 and a 512-token vocabulary (a step takes
 # ~0.15 s on one thread), so tuning the harness does not move this figure.
@@ -90,6 +91,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    hold_card_if_cuda(device)  # never beside the GPU lane's job: one lock per card, machine-wide
     torch.set_num_threads(args.threads)
     args.preset = args.preset or ("rtx2060" if device == "cuda" else "ablation")
     overrides = dict(CPU_OVERRIDES) if device == "cpu" and args.preset == "ablation" else {}

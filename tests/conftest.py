@@ -16,6 +16,12 @@ def no_real_github(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def private_gpu_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU lock is machine-wide: a test must not take (or wait on) a real lane's card."""
+    monkeypatch.setenv("LAB_GPU_LOCK_DIR", str(tmp_path / "gpu-lock"))
+
+
 @pytest.fixture
 def tmp_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private LAB_RUNS (and LAB_DB, LAB_ARCHIVE) under tmp_path for one test."""

@@ -1,5 +1,5 @@
-"""Test helpers for the queue: a private queue (LAB_DB, LAB_RUNS) with fast lease settings, real
-`lab daemon` subprocesses, and waiting on jobs through the real store."""
+"""Test helpers for the queue: a private queue (LAB_DB, LAB_RUNS, LAB_GPU_LOCK_DIR) with fast lease
+settings, real `lab daemon` subprocesses, and waiting on jobs through the real store."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def queue_env(tmp: Path, **extra: str) -> dict[str, str]:
     for name in ("LAB_BROKER", "GITHUB_TOKEN", "GITHUB_REPOSITORY"):  # a private, offline queue
         env.pop(name, None)
     env.update(FAST)
+    # LAB_GPU_LOCK_DIR: the GPU lock is machine-wide; a private one per queue, so tests neither
+    # wait for a real GPU lane (or another test run) nor block it, and each simulated host has its own.
     env.update(LAB_DB=str(tmp / "queue.db"), LAB_RUNS=str(tmp / "runs"), LAB_HOST="testhost",
-               LAB_QUEUE_DISK_MIN_FREE_GB="0")
+               LAB_QUEUE_DISK_MIN_FREE_GB="0", LAB_GPU_LOCK_DIR=str(tmp / "gpu-lock"))
     env.update(extra)
     return env
 
@@ -106,6 +108,30 @@ def assert_no_overlap(intervals: list[tuple[float, float]]) -> None:
     ordered = sorted(intervals)
     for (s1, e1), (s2, e2) in zip(ordered, ordered[1:], strict=False):
         assert e1 <= s2, f"GPU jobs overlap: [{s1:.3f}, {e1:.3f}] and [{s2:.3f}, {e2:.3f}]"
+
+
+# A real process that takes the GPU lock, says "held", and keeps it until its stdin closes.
+_HOLD_GPU = ("import sys\nfrom workers import gpu_lock\ngpu_lock.acquire()\nprint('held', flush=True)\n"
+             "sys.stdin.read()\n")
+
+
+@contextlib.contextmanager
+def gpu_lock_holder(env: dict[str, str]) -> Iterator[int]:
+    """The GPU lock held by another process (an orphaned job, another daemon's job, a foreground
+    cuda run) for the duration of the block; yields its pid. Uses env's LAB_GPU_LOCK_DIR."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_GPU], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the holder exits; the kernel releases its lock
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pid_alive(pid: int) -> bool:

@@ -6,13 +6,12 @@ Each test claims a job in a real SQLite queue and calls `workers.supervise.run_j
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_daemon import pid_alive, queue_env, set_env, wait_for
+from helpers_daemon import gpu_lock_holder, pid_alive, queue_env, set_env, wait_for
 
 from store import Store
 from workers import gpu_lock
@@ -114,22 +113,26 @@ def test_cpu_job_sees_no_cuda_devices_and_no_github_token(queue, monkeypatch) ->
     assert not any(v.startswith(b"GITHUB_TOKEN=") for v in environ), "a job must never see the token"
 
 
-def test_gpu_job_waits_for_the_lock_held_by_another_process(queue) -> None:
+def test_gpu_job_waits_for_the_lock_held_by_another_process(queue, tmp_path) -> None:
+    """The holder stands for an orphaned job still on the card, or a job of another daemon with
+    its own LAB_RUNS: the lock is the card's (LAB_GPU_LOCK_DIR), not the runs directory's."""
     store, env = queue
-    holder = gpu_lock.acquire(env["LAB_RUNS"])  # stands for an orphaned job still on the card
-    try:
+    elsewhere = {**env, "LAB_RUNS": str(tmp_path / "other-daemon-runs")}
+    with gpu_lock_holder(elsewhere) as holder:
         job = claim(store, env, lane="gpu", seconds=0.1)
         t = threading.Thread(target=run, args=(store, env, job))
         t.start()
-        wait_for(lambda: any(e["kind"] == "waiting" for e in store.events(job["id"])), 20,
-                 "the job to report that it waits for the GPU lock")
+        waiting = wait_for(lambda: [e for e in store.events(job["id"]) if e["kind"] == "waiting"], 20,
+                           "the job to report that it waits for the GPU lock")
+        assert waiting[0]["message"] == f"pid {holder} holds the GPU lock"
         assert store.get(job["id"])["started_at"] is None
-        assert gpu_lock.is_held(env["LAB_RUNS"])
-    finally:
-        os.close(holder)
+        assert gpu_lock.is_held()
     t.join(20)
-    assert store.get(job["id"])["status"] == "succeeded"
-    assert not gpu_lock.is_held(env["LAB_RUNS"])  # released when the job process exited
+    row = store.get(job["id"])
+    assert row["status"] == "succeeded"
+    assert f"pid {holder}" in (Path(row["run_dir"]) / "log.txt").read_text()
+    assert not gpu_lock.is_held()  # released when the job process exited
+    assert not (Path(env["LAB_RUNS"]) / "gpu.lock").exists()  # the old per-runs-directory lock is gone
 
 
 def test_stale_attempt_does_not_run(queue) -> None:

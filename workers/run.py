@@ -8,7 +8,8 @@ Started by the daemon (workers.supervise) as the leader of its own process group
 stderr going to `runs/<job_id>/log.txt`. In order it:
 1. starts a lease keeper thread (heartbeats into the store, so a job that outlives its daemon
    keeps its lease and finishes; if the daemon is gone it also enforces cancel and timeout);
-2. on the GPU lane takes the GPU file lock (blocking: an older job may still hold the card);
+2. on the GPU lane takes the card's machine-wide GPU lock (workers.gpu_lock; blocking: an older
+   job, another daemon's job or a foreground cuda run may still hold the card);
 3. marks the job started, runs `jobs.get_kind(kind).run(spec, ctx)`, and records the result
    (succeeded) or the exception (failed, exit 1) for its own attempt only.
 A death by signal or an exit without a result is recorded by the supervisor, or, when nobody
@@ -183,6 +184,11 @@ def main(argv: list[str]) -> int:
     q = config.queue_config()
     store = Store(config.paths().db, create=False)
     if argv and argv[0] == "--standby":
+        if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+            # A GPU-lane standby names its card now (nvidia-smi takes tens of ms, seconds without
+            # persistence mode), not while the lane waits; a CPU lane's has CUDA_VISIBLE_DEVICES=""
+            # (workers.supervise.lane_env) and never takes the lock.
+            gpu_lock.lock_path()
         got = standby(store)
         if got is None:
             return 0
@@ -200,9 +206,16 @@ def main(argv: list[str]) -> int:
     keeper.start()
     if job["lane"] == "gpu":
         def waiting() -> None:
-            print("lab: waiting for the GPU lock (another job process still holds the card)", flush=True)
-            store.add_event(job_id, "waiting", "another process holds the GPU lock")
-        gpu_lock.acquire(config.paths().runs, on_wait=waiting)  # held until this process exits
+            path = gpu_lock.lock_path()
+            print(f"lab: waiting for the GPU lock of {gpu_lock.card_name()}: "
+                  f"{gpu_lock.describe_holder(path)} holds the card", flush=True)
+            # the event is shown by `lab show` and MCP: the pid only, not another user's command line
+            pid = gpu_lock.holder_pid(path)
+            store.add_event(job_id, "waiting", f"{'pid ' + str(pid) if pid else 'another process'} "
+                            "holds the GPU lock")
+        # Per card, machine-wide, not per LAB_RUNS: another daemon's job or a foreground cuda run
+        # on this machine holds the same lock. Held until this process exits.
+        gpu_lock.acquire(on_wait=waiting)
     if not store.mark_started(job_id, attempt, os.getpid()):
         print(f"lab: job {job_id} attempt {attempt} was taken away before it started", flush=True)
         return 0
