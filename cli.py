@@ -9,6 +9,7 @@ Nothing imports this module.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -366,9 +367,18 @@ def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
 
     Example: LAB_DB=queue.db LAB_RUNS=runs lab daemon --cpu-workers 2
     """
+    import common
     from bridge import github
     from daemon.scheduler import run_daemon
 
+    # Before any thread or subprocess: jobs run as this user, and must not read the daemon's
+    # /proc/<pid>/environ or memory; the token (from a descriptor systemd opened, a credential or
+    # a file) is read once, now, before a child could inherit the descriptor.
+    try:
+        common.harden_process()
+    except OSError as e:
+        click.echo(f"lab daemon: warning: could not make the daemon undumpable ({e})", err=True)
+    common.github_token(os.environ)
     chosen = tuple(x.strip() for x in lanes.split(",") if x.strip())
     bad = [x for x in chosen if x not in ("gpu", "cpu")]
     if bad or not chosen:
@@ -758,16 +768,45 @@ def service_group() -> None:
 @click.option("--env-file", default=None, help="EnvironmentFile (the token)  [default: ./.env]")
 @click.option("--workdir", default=None, help="WorkingDirectory  [default: the current directory]")
 @click.option("--cpu-workers", type=int, default=None, help="Passed to `lab daemon`.")
+@click.option("--group", default=None, help="Group= (a system service)  [default: the user's primary group]")
+@click.option("--gpu-group", default=None,
+              help="SupplementaryGroups= for /dev/nvidia* (a system service)  [default: the group of "
+                   "/dev/nvidia0, else video; '' for none]")
+@click.option("--token-file", default=None,
+              help="The token alone in a file: root:root 0600 for a system service, chmod 600 for a "
+                   "user one.")
+@click.option("--token-via", type=click.Choice(["stdin", "credential"]), default=None,
+              help="System service: how systemd hands the token over  [default: stdin]")
 @json_option
 def service_print_cmd(user: str | None, env_file: str | None, workdir: str | None, cpu_workers: int | None,
+                      group: str | None, gpu_group: str | None, token_file: str | None, token_via: str | None,
                       as_json: bool) -> None:
-    """Print a systemd unit for `lab daemon` (restart on failure, token from an environment file).
+    """Print a systemd unit for `lab daemon` (restart on failure; the token from a file, never
+    in the unit or any process environment when --token-file is given).
 
-    Example: lab service print > ~/.config/systemd/user/lab.service
+    A system service (--user lab) runs the daemon as its own user in the group that owns
+    /dev/nvidia*, with the token handed over by systemd (docs/SECURITY.md). Problems with the
+    token file or the card's permissions are printed to stderr as warnings, so `| sudo tee` works.
+
+    Examples:
+      lab service print > ~/.config/systemd/user/lab.service
+      lab service print --user lab --token-file /etc/reasoning-lab/github-token \
+        | sudo tee /etc/systemd/system/lab.service
     """
-    from daemon.systemd import unit_text
+    from daemon import systemd
 
-    text = unit_text(workdir=workdir, env_file=env_file, user=user, cpu_workers=cpu_workers)
+    if user and gpu_group is None:
+        gpu_group = systemd.gpu_device_group()
+    try:
+        text = systemd.unit_text(workdir=workdir, env_file=env_file, user=user, cpu_workers=cpu_workers,
+                                 group=group, gpu_group=gpu_group or None, token_file=token_file,
+                                 token_via=token_via)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if user:
+        problems = (systemd.token_file_problems(token_file) if token_file else []) + systemd.device_problems()
+        for p in problems:
+            click.echo(f"warning: {p}", err=True)
     emit({"unit": text}, as_json, text.rstrip("\n"))
 
 

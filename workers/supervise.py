@@ -83,7 +83,10 @@ def job_env(job: dict[str, Any], db: str, runs: Path, host: str) -> dict[str, st
 
 def lane_env(lane: str, db: str, runs: Path, host: str) -> dict[str, str]:
     env = dict(os.environ, LAB_DB=db, LAB_RUNS=str(runs), LAB_HOST=host, PYTHONUNBUFFERED="1")
-    env.pop("GITHUB_TOKEN", None)  # a job never talks to GitHub; the bridge does, in the daemon
+    # A job never talks to GitHub; the bridge does, in the daemon. None of the token's sources
+    # reaches a job (the descriptor itself is /dev/null by now: the daemon read it at start).
+    for name in ("GITHUB_TOKEN", "GITHUB_TOKEN_FD", "GITHUB_TOKEN_FILE", "CREDENTIALS_DIRECTORY"):
+        env.pop(name, None)
     if lane == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job never touches the card
     return env
