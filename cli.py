@@ -202,13 +202,20 @@ def tokenize_cmd(src: tuple[str, ...], name: str, as_json: bool) -> None:
     meta.json (token and byte counts, sha256 per shard). Each file is one document.
 
     \b
+    The texts must lie in the checkout's data/ (or models/assets/): a dataset is readable by
+    every user of the runs directory, so no dotfile, no file outside the checkout.
+
+    \b
     Example:
-      lab tokenize books/*.txt --name books
+      lab tokenize data/books/*.txt --name books
       lab train --data books --preset tiny
     """
     import jobs
+    from jobs.paths import check_spec_paths
 
-    spec = jobs.parse_spec("tokenize", {"src": list(src), "name": name})
+    values = {"src": list(src), "name": name}
+    check_spec_paths("tokenize", values)  # the agent may run this one in the foreground
+    spec = jobs.parse_spec("tokenize", values)
     result = jobs.get_kind("tokenize").run(spec, _foreground("tokenize", "cpu"))
     emit(result, as_json,
          lambda r: f"{r['name']}: {r['tokens']:,} tokens, {r['shards']} shard(s) at {r['dir']}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +35,26 @@ TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838d
 # DATA_SHARD_TOKENS tokens (128 MB); the shipped text is tokenized on first use as SAMPLE_DATASET.
 DATA_SHARD_TOKENS = 1 << 26
 SAMPLE_DATASET = "sample"
-DATASET_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"  # one path component
+# One path component. Use it with re.fullmatch; the `\Z` (not `$`, which also matches before a
+# trailing newline) keeps a caller that still uses re.match from accepting "name\n" too.
+DATASET_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z"
+# A run's directory name under $LAB_RUNS, one path component: a queue job's id ("12"), a
+# foreground run (`kind-YYYYmmdd-HHMMSS-<6 hex>`, cli._new_run_id), an ablation from the CLI
+# (`ablate-<UTC stamp>`, harness/ablate.new_run_dir). Never a path; use it with re.fullmatch.
+RUN_ID_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+# Directories under $LAB_RUNS that are not runs (records.NOT_RUNS says the same): token datasets.
+NOT_RUN_IDS = frozenset({"data"})
+
+# Every number a spec or setting accepts is finite and, if an integer, at most 2^53 in
+# magnitude: nan passes every range check (all its comparisons are false), and a 400-digit
+# integer overflows float() or str() somewhere downstream instead of being refused here.
+MAX_INT = 2**53
+# Spec values are TOML or JSON written by people: a few levels of tables and lists at most. A
+# deeper value is refused before anything recurses into it (repr, asdict, a walk) and overflows.
+MAX_NESTING = 32
+# No name, path or reason (`why`) needs more; a longer string would only come back, whole, in
+# the error that refuses it (an issue comment, a log line).
+MAX_STRING_CHARS = 10_000
 
 
 class ConfigError(ValueError):
@@ -58,7 +79,10 @@ def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 
 class Validated:
     """Mixin: every construction checks types, choices and ranges of all fields, and reports
-    every bad field at once, each named `<owner>.<field>` (`model.d_model`, `sleep.seconds`)."""
+    every bad field at once, each named `<owner>.<field>` (`model.d_model`, `sleep.seconds`).
+    Before any of that, every value (and everything nested in a table or list) must be a finite
+    number, an integer of at most 2^53, a string of at most MAX_STRING_CHARS, nested at most
+    MAX_NESTING deep (check_nested)."""
 
     FIELD_PREFIX: typing.ClassVar[str] = ""  # the owner in error names; default the class name
 
@@ -94,6 +118,70 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _ShortRepr(reprlib.Repr):
+    """repr for error messages: bounded in length and depth, and safe for an integer too long
+    for str() (Python refuses to print more than 4300 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 120, 120
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        return describe_int(x)
+
+
+_short = _ShortRepr()
+
+
+def show(value: Any) -> str:
+    """`value` as an error message shows it: repr, cut to a few dozen characters."""
+    return _short.repr(value)
+
+
+def describe_int(x: int) -> str:
+    """An integer, shortened when long: `1000...0 (400 digits)`."""
+    if x.bit_length() > 14_000:  # beyond ~4200 digits str() refuses; say roughly how many
+        return f"{'-' if x < 0 else ''}an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits"
+    digits = str(abs(x))
+    sign = "-" if x < 0 else ""
+    if len(digits) <= 20:
+        return f"{sign}{digits}"
+    return f"{sign}{digits[:4]}...{digits[-1]} ({len(digits)} digits)"
+
+
+def check_number(where: str, value: Any) -> None:
+    """Refuse a non-finite float or an integer beyond 2^53 (see MAX_INT); anything else passes."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(f"{where}: {describe_int(value)} is beyond {'-' if value < 0 else ''}2^53")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+
+
+def check_nested(where: str, value: Any, depth: int = 0) -> None:
+    """Walk a value of tables and lists (a `set = {...}`, ablation arms) and refuse, naming the
+    path to it (`train.set.lr`, `ablation.arms[1].set`): a non-finite or huge number, a table
+    key that is not a string, nesting deeper than MAX_NESTING, a string longer than
+    MAX_STRING_CHARS. Types are the owner's to check."""
+    if depth > MAX_NESTING:
+        raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: table key {show(key)} is not a string")
+            check_nested(f"{where}.{key}", inner, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, inner in enumerate(value):
+            check_nested(f"{where}[{i}]", inner, depth + 1)
+    elif isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+        raise ConfigError(f"{where}: a string of {len(value):,} characters is too long "
+                          f"(at most {MAX_STRING_CHARS:,})")
+    else:
+        check_number(where, value)
+
+
 def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
     """Return `value` (coerced int->float, list->tuple) or raise ConfigError naming the field.
     An optional field (`X | None`) accepts None, meaning "not given"."""
@@ -104,25 +192,29 @@ def _check_value(owner: str, name: str, tp: Any, value: Any, meta: Any) -> Any:
         tp = next(a for a in args if a is not type(None))
     origin = typing.get_origin(tp)
     where = f"{owner}.{name}"
+    # First, before any comparison, conversion or repr can trip over it: nan, inf, a 400-digit
+    # integer (float() of it overflows, str() of a longer one raises), absurd nesting.
+    check_nested(where, value)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not allowed (allowed: {', '.join(map(str, allowed))})")
+            raise ConfigError(f"{where}: {show(value)} is not allowed "
+                              f"(allowed: {', '.join(map(str, allowed))})")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {show(value)}")
         inner = typing.get_args(tp)[0]
         return tuple(_check_value(owner, name, inner, v, meta) for v in value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = float(value)  # exact: |value| <= 2^53 was checked above
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {type_name(tp)}, got {type(value).__name__} {show(value)}")
     lo, hi = (meta.get("min"), meta.get("max")) if meta else (None, None)
     if lo is not None and value < lo or hi is not None and value > hi:
         span = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ConfigError(f"{where}: {value!r} is out of range (allowed: {span})")
+        raise ConfigError(f"{where}: {show(value)} is out of range (allowed: {span})")
     return value
 
 
@@ -329,18 +421,27 @@ EVAL_SEED_OFFSET = 1_000_003
 def default_arch() -> str:
     arch = os.environ.get("LAB_MODEL_ARCH", MODEL_ARCH)
     if arch not in ARCHS:
-        raise ConfigError(f"LAB_MODEL_ARCH: {arch!r} is not an architecture (allowed: {', '.join(ARCHS)})")
+        raise ConfigError(f"LAB_MODEL_ARCH: {show(arch)} is not an architecture "
+                          f"(allowed: {', '.join(ARCHS)})")
     return arch
 
 
-def preset(name: str, arch: str | None = None, **overrides: Any) -> Config:
+def preset(name: str, arch: str | None = None, /, **overrides: Any) -> Config:
     """Build the named preset for `arch`, with overrides by bare key (`d_model=128`) or dotted
     key (`model.d_model`). Every error is a one-line ConfigError naming the field."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r} (allowed: {', '.join(PRESETS)})")
+    # name and arch are positional-only, so an override dict (a spec's `set = {name = "x"}`)
+    # cannot collide with them: "name" is then an unknown key, not a TypeError. `arch=` still
+    # works as a keyword, once.
+    if "arch" in overrides:
+        if arch is not None:
+            raise ConfigError(f"arch: given twice ({show(arch)} and {show(overrides['arch'])} as an "
+                              "override); give the architecture once")
+        arch = overrides.pop("arch")
+    if not isinstance(name, str) or name not in PRESETS:  # a dict is unhashable: `in` would raise
+        raise ConfigError(f"preset: unknown preset {show(name)} (allowed: {', '.join(PRESETS)})")
     arch = arch or default_arch()
-    if arch not in ARCHS:
-        raise ConfigError(f"arch: {arch!r} is not an architecture (allowed: {', '.join(ARCHS)})")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ConfigError(f"arch: {show(arch)} is not an architecture (allowed: {', '.join(ARCHS)})")
     values: dict[str, dict[str, Any]] = {s: dict(PRESETS[name].get(s, {})) for s in _SECTIONS}
     values["model"].update(PRESETS[name].get(arch, {}), arch=arch)
     problems = []
@@ -375,12 +476,22 @@ def split_key(key: str) -> tuple[str, str]:
     return CONFIG_KEYS[key], key
 
 
-def parse_value(text: str) -> Any:
-    """Parse the right side of `--set key=value` as a TOML value; bare words are strings."""
+def parse_value(text: str, where: str = "value") -> Any:
+    """Parse the right side of `--set key=value` (or an environment variable) as a TOML value;
+    bare words are strings. A non-finite or huge number, or a value nested too deep for the
+    parser, is a ConfigError naming `where`: "nan" is refused, not passed on as a float that
+    every range check lets through."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # tomllib recurses once per level of [[[...]]]
+        raise ConfigError(f"{where}: the value is nested too deeply") from None
+    except ValueError:  # an integer literal past Python's 4300-digit int/str limit
+        digits = sum(c.isdigit() for c in text)
+        raise ConfigError(f"{where}: an integer of {digits} digits is beyond 2^53") from None
+    check_nested(where, value)
+    return value
 
 
 def parse_assignments(pairs: typing.Iterable[str]) -> dict[str, Any]:
@@ -389,8 +500,15 @@ def parse_assignments(pairs: typing.Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set: {pair!r} is not key=value")
-        out[key.strip()] = parse_value(text.strip())
+            raise ConfigError(f"--set: {show(pair)} is not key=value")
+        key, text = key.strip(), text.strip()
+        try:
+            out[key] = parse_value(text, where=f"--set {key}")
+        except ConfigError as e:
+            if "not a finite number" not in str(e):
+                raise
+            # TOML reads the bare words nan and inf as floats; as a string they need quotes.
+            raise ConfigError(f"{e} (for the word, quote it: {key}='\"{text}\"')") from None
     return out
 
 
@@ -398,6 +516,9 @@ def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
     """Build a validated dataclass (a job's Spec, say) from untrusted keys and values. Every
     unknown and missing key is reported at once, on one line, each named `<where>.<key>`."""
     names = {f.name for f in dataclasses.fields(cls)}
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:  # JSON and TOML keys are strings; a Python caller's may not be (difflib needs str)
+        raise ConfigError(f"{where}: key {show(bad_keys[0])} is not a string")
     problems = [f"{where}.{key}: unknown key{did_you_mean(key, names)} (allowed: {', '.join(sorted(names))})"
                 for key in values if key not in names]
     problems += [f"{where}.{f.name}: required key is missing" for f in dataclasses.fields(cls)
@@ -528,9 +649,10 @@ def queue_config() -> QueueConfig:
     read on every call, validated like any field."""
     overrides: dict[str, Any] = {}
     for f in dataclasses.fields(QueueConfig):
-        text = os.environ.get(f"LAB_QUEUE_{f.name.upper()}")
+        var = f"LAB_QUEUE_{f.name.upper()}"
+        text = os.environ.get(var)
         if text is not None:
-            overrides[f.name] = parse_value(text)
+            overrides[f.name] = parse_value(text, where=var)  # nan, inf, 10**400 refused here
     try:
         return dataclasses.replace(QUEUE, **overrides)
     except ConfigError as e:

@@ -8,12 +8,12 @@ Importing this package never imports torch: job modules import it inside `run`, 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from config import ConfigError, did_you_mean, from_mapping
+from config import ConfigError, did_you_mean, from_mapping, show
 
 LANES = ("gpu", "cpu")
 
@@ -63,18 +63,36 @@ def _module_exists(module: str) -> bool:
 
 def get_kind(name: str) -> JobKind:
     """The kind called `name`; an unknown name is a ConfigError listing the known ones."""
-    if name not in kind_names():
-        raise ConfigError(f"kind: unknown job kind {name!r}{did_you_mean(name, kind_names())} "
-                          f"(allowed: {', '.join(kind_names())})")
+    if not isinstance(name, str) or name not in kind_names():
+        close = did_you_mean(name, kind_names()) if isinstance(name, str) else ""
+        raise ConfigError(f"kind: unknown job kind {show(name)}{close} (allowed: {', '.join(kind_names())})")
     mod = importlib.import_module(_MODULES[name])
     mod.Spec.FIELD_PREFIX = name  # errors name `<kind>.<field>`: sleep.seconds, not Spec.seconds
     return JobKind(name=name, spec=mod.Spec, lanes=tuple(mod.LANES), run=mod.run,
                    doc=(mod.__doc__ or "").strip())
 
 
-def parse_spec(kind: str, values: dict[str, Any]) -> Any:
-    """Untrusted keys and values -> the kind's validated Spec (ConfigError names the field)."""
-    return from_mapping(get_kind(kind).spec, dict(values), where=kind)
+# What a strange value (a dict where a string belongs, a 400-digit integer, an array nested 200
+# deep) might still raise inside a kind's validation, past the checks of config.Validated.
+_LEAKS = (TypeError, ValueError, OverflowError, RecursionError, OSError, LookupError, AttributeError)
+
+
+def parse_spec(kind: str, values: Mapping[str, Any]) -> Any:
+    """Untrusted keys and values -> the kind's validated Spec (ConfigError names the field).
+    Only ConfigError comes out: the bridge, MCP and the CLI turn it into a message for a person,
+    and anything else would be a crash (or a traceback in an issue comment) instead."""
+    spec_cls = get_kind(kind).spec
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{kind}: expected a table of keys and values, got {type(values).__name__}")
+    try:
+        return from_mapping(spec_cls, dict(values), where=kind)
+    except ConfigError:
+        raise
+    except _LEAKS as e:
+        # A last resort: every known case is refused, naming its field, before it gets here
+        # (tests/test_config.py feeds each kind's fields wrong values and asserts it).
+        raise ConfigError(f"{kind}: a value could not be validated "
+                          f"({type(e).__name__}: {show(str(e))})") from None
 
 
 def check_lane(kind: str, lane: str | None) -> str:
@@ -82,8 +100,8 @@ def check_lane(kind: str, lane: str | None) -> str:
     jk = get_kind(kind)
     if lane is None:
         return jk.lanes[0]
-    if lane not in LANES:
-        raise ConfigError(f"lane: {lane!r} is not a lane (allowed: {', '.join(LANES)})")
+    if not isinstance(lane, str) or lane not in LANES:
+        raise ConfigError(f"lane: {show(lane)} is not a lane (allowed: {', '.join(LANES)})")
     if lane not in jk.lanes:
         raise ConfigError(f"lane: kind {kind!r} cannot run in lane {lane!r} (allowed: {', '.join(jk.lanes)})")
     return lane

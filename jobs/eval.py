@@ -10,38 +10,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 import config
-from config import ConfigError, Validated, setting
+from config import Validated, setting
+from jobs.paths import check_run_id
 
 LANES = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
 class Spec(Validated):
-    run: str  # a run id under $LAB_RUNS, or a path to a run directory
+    run: str  # a run id under $LAB_RUNS (a job id, or train-YYYYmmdd-HHMMSS-abc123); never a path
     n_steps: int | None = setting(None, 1, 1024, "depth at eval (loop passes or layers); "
                                   "default the model's depth_eval")
     batches: int | None = setting(None, 1, 100_000, "eval batches; default the run's eval_batches")
     checkpoint: Literal["best", "last"] = "best"
 
     def _check_relations(self) -> None:
-        if not self.run.strip():
-            raise ConfigError("eval.run: give a run id or a run directory")
+        # A run id only: a path would let a spec point the job at any directory of the machine,
+        # and the error (no such run) say whether it exists.
+        check_run_id(self.run, "eval.run")
 
 
 def run_dir_of(run: str) -> Path:
-    """A run id under $LAB_RUNS, or a directory path."""
-    path = Path(run)
-    if path.is_dir():
-        return path
-    under_runs = Path(config.paths().runs) / run
-    if under_runs.is_dir():
-        return under_runs
-    raise FileNotFoundError(f"run: no run {run!r} (looked for {path} and {under_runs})")
+    """The directory of run id `run`: $LAB_RUNS/<run>, which must resolve (symlinks followed)
+    inside $LAB_RUNS. FileNotFoundError when there is none; ConfigError for a non-id."""
+    check_run_id(run, "run")
+    path = Path(config.paths().runs) / run
+    # A link under runs/ that leads out of it is no run of this lab: the same answer as none.
+    if not _inside_runs(path) or not path.is_dir():
+        raise FileNotFoundError(f"run: no run {run!r} in {config.paths().runs}")
+    return path
+
+
+def _inside_runs(path: Path) -> bool:
+    return path.resolve().is_relative_to(Path(config.paths().runs).resolve())
 
 
 def checkpoint_of(spec: Spec) -> Path:
     ckpt = run_dir_of(spec.run) / f"ckpt_{spec.checkpoint}.pt"
-    if not ckpt.exists():
+    # torch.load unpickles: a checkpoint linked from outside $LAB_RUNS is not loaded either.
+    if not ckpt.exists() or not _inside_runs(ckpt):
         raise FileNotFoundError(f"run: {ckpt} does not exist (not a training run, or not checkpointed yet)")
     return ckpt
 

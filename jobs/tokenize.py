@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from config import DATASET_NAME_RE, ConfigError, Validated
+from config import DATASET_NAME_RE, ConfigError, Validated, show
 
 LANES = ("cpu",)
 
@@ -23,10 +23,16 @@ class Spec(Validated):
         if not self.src:
             raise ConfigError("tokenize.src: give at least one text file")
         for path in self.src:
-            if not Path(path).is_file():
-                raise ConfigError(f"tokenize.src: {path} does not exist or is not a file")
-        if not re.match(DATASET_NAME_RE, self.name):
-            raise ConfigError(f"tokenize.name: {self.name!r} is not a dataset name (letters, digits, '_.-')")
+            try:
+                is_file = bool(path) and Path(path).is_file()
+            except (OSError, ValueError):  # is_file() raises on a name too long for the filesystem
+                is_file = False
+            if not is_file:
+                raise ConfigError(f"tokenize.src: {show(path)} does not exist or is not a file")
+        # fullmatch: with re.match a `$` would also accept "name\n"
+        if not re.fullmatch(DATASET_NAME_RE, self.name):
+            raise ConfigError(f"tokenize.name: {show(self.name)} is not a dataset name "
+                              "(letters, digits, '_.-')")
         target = Path(config.paths().runs) / "data" / self.name
         if target.exists():
             raise ConfigError(f"tokenize.name: dataset {self.name!r} already exists at {target}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from config import DATASET_NAME_RE, SAMPLE_DATASET, ConfigError, Validated
+from config import DATASET_NAME_RE, SAMPLE_DATASET, ConfigError, Validated, show
 from jobs import spec_to_dict
 
 LANES = ("gpu", "cpu")
@@ -28,8 +28,9 @@ class Spec(Validated):
 
     def _check_relations(self) -> None:
         resolve_config(self)  # names the bad preset, arch or key now, not when the job runs
-        if not re.match(DATASET_NAME_RE, self.data):
-            raise ConfigError(f"train.data: {self.data!r} is not a dataset name (letters, digits, '_.-')")
+        # fullmatch: with re.match a `$` would also accept "name\n"
+        if not re.fullmatch(DATASET_NAME_RE, self.data):
+            raise ConfigError(f"train.data: {show(self.data)} is not a dataset name (letters, digits, '_.-')")
 
 
 def resolve_config(spec: Any) -> config.Config:
@@ -53,7 +54,9 @@ def data_dir_for(name: str) -> Path:
 def resume_values(run_id: str) -> dict[str, Any]:
     """The spec values a foreground run was started with (its spec.json), so `lab train --resume`
     continues it; ConfigError naming --resume when the run cannot be resumed."""
-    run_dir = Path(config.paths().runs) / run_id
+    from jobs.paths import check_run_id
+
+    run_dir = Path(config.paths().runs) / check_run_id(run_id, "--resume")  # a run id, never a path
     spec_file = run_dir / "spec.json"
     if not (run_dir / config.CKPT_LAST).exists() or not spec_file.exists():
         raise ConfigError(f"--resume: {run_dir} holds no resumable training run ({config.CKPT_LAST}, "

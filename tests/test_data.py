@@ -139,8 +139,11 @@ def test_tokenize_job_validates_at_submit(tmp_runs: Path, two_docs: list[str]) -
         jobs.parse_spec("tokenize", {"src": two_docs, "name": "docs"})
 
 
-def test_lab_tokenize_cli(tmp_runs: Path, two_docs: list[str]) -> None:
+def test_lab_tokenize_cli(tmp_runs: Path, two_docs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
+    outside = runner.invoke(main, ["tokenize", *two_docs, "--name", "docs", "--json"])
+    assert outside.exit_code == 2 and "tokenize.src" in outside.output  # not in the data root
+    monkeypatch.setenv("LAB_DATA", str(Path(two_docs[0]).parent))
     ok = runner.invoke(main, ["tokenize", *two_docs, "--name", "docs", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["tokens"] == len(expected_stream())

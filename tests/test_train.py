@@ -258,5 +258,8 @@ def test_lab_train_bad_input_exits_2(tmp_runs: Path) -> None:
     assert no_data.exit_code == 2 and "nonexistent" in no_data.output
     no_run = runner.invoke(main, ["eval", "no-such-run"])
     assert no_run.exit_code == 2 and "no-such-run" in no_run.output
+    # a run id only: a path (even to a real run directory) is refused before anything is looked up
+    by_path = runner.invoke(main, ["eval", str(tmp_runs)])
+    assert by_path.exit_code == 2 and "give the run id" in by_path.output
     no_resume = runner.invoke(main, ["train", "--resume", "no-such-run"])
     assert no_resume.exit_code == 2 and "--resume" in no_resume.output

@@ -32,6 +32,7 @@ from typing import Any
 
 import config
 import jobs
+from jobs.paths import check_spec_paths
 from store import Store, iso
 from workers import gpu_lock
 
@@ -225,6 +226,9 @@ def main(argv: list[str]) -> int:
     ctx = WorkerContext(store, job_id, attempt, run_dir, job["lane"])
     try:
         kind = jobs.get_kind(job["kind"])
+        # Checked again here, where the files are read: a row written into the queue by hand (or
+        # queued before a rule changed) meets the same paths rule as one `lab submit` queued.
+        check_spec_paths(job["kind"], job["spec"])
         spec = jobs.parse_spec(job["kind"], job["spec"])
         result = kind.run(spec, ctx)
         result = json.loads(json.dumps(result, default=str))  # JSON-able, or fail here, loudly
