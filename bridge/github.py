@@ -41,14 +41,15 @@ import tomllib
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+import common
 import config
 import jobs as job_kinds
 from bridge import render
 from bridge.outbox import Outbox
 from config import ConfigError
+from jobs.paths import check_spec_paths
 from store import ACTIVE, FINAL, Store
 
 log = logging.getLogger("lab.github")
@@ -78,7 +79,14 @@ LABELS: dict[str, tuple[str, str]] = {
 }
 
 EXAMPLE_SPEC = 'kind = "sleep"\nseconds = 1'
-TOML_BLOCK = re.compile(r"^[ \t]*```+[ \t]*toml[ \t]*\r?\n(.*?)^[ \t]*```+[ \t]*$", re.M | re.S)
+# Caps checked before any TOML is parsed: an issue body is a stranger's input, and tomllib
+# recurses once per nesting level (a deep array is a RecursionError, not a TOMLDecodeError).
+BODY_MAX_CHARS = 65_536  # GitHub's own limit on an issue body
+SPEC_MAX_CHARS = 16_384
+SPEC_MAX_NESTING = 16
+# `/run <hash>`: a writer approves one exact spec (the hash the status comment shows).
+RUN_COMMAND = re.compile(r"/run\s+([0-9a-f]{16})\b", re.I)
+FENCE = re.compile(r"^[ ]{0,3}(`{3,}|~{3,})[ \t]*([^`\s]*)[^`]*$")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -96,7 +104,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings | None:
         """None when GITHUB_TOKEN or GITHUB_REPOSITORY is missing (the daemon runs CLI-only)."""
         env = os.environ if env is None else env
-        token, repo = env.get("GITHUB_TOKEN", "").strip(), env.get("GITHUB_REPOSITORY", "").strip()
+        # A systemd credential, a descriptor or a chmod-600 file first: a token in the environment
+        # is readable in /proc/<pid>/environ by every process of the daemon's user.
+        token, repo = common.github_token(env) or "", env.get("GITHUB_REPOSITORY", "").strip()
         if not token or not repo:
             return None
         if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", repo):
@@ -277,7 +287,8 @@ class Api:
         paste a marker into a comment; the bridge must neither trust nor edit theirs)."""
         me = self.whoami()
         for c in self.comments(issue):
-            if marker in (c.get("body") or "") and (c.get("user") or {}).get("login") == me:
+            # At the start only: a bot comment may quote text that carries another row's marker.
+            if marker in leading_markers(c.get("body") or "") and (c.get("user") or {}).get("login") == me:
                 return c
         return None
 
@@ -309,14 +320,27 @@ class Api:
             return "none"
         return str(data.get("role_name") or data.get("permission") or "none")
 
-    def labeller(self, issue: int, label: str) -> str | None:
-        """Who added `label` to `issue` most recently (the actor of its latest `labeled` event)."""
+    def labeller(self, issue: int, label: str) -> tuple[str | None, float]:
+        """Who added `label` to `issue` most recently, and when (its latest `labeled` event)."""
         events, _ = self.get_all(f"{self.repo_path}/issues/{issue}/events")
-        who = None
+        who, at = None, 0.0
         for ev in events or []:
             if ev.get("event") == "labeled" and (ev.get("label") or {}).get("name", "").lower() == label:
-                who = (ev.get("actor") or {}).get("login")
-        return who
+                who, at = (ev.get("actor") or {}).get("login"), github_time(ev.get("created_at"))
+        return who, at
+
+    def last_edit(self, issue: int) -> dict[str, Any]:
+        """The issue's body with when and by whom it was last edited: {body, edited_at (epoch or
+        None if never edited), editor}. Only GraphQL says this (REST has no event for a body edit)."""
+        owner, name = self.s.repository.split("/")
+        _, data = self.call(self.gh.requester.graphql_query, LAST_EDIT_QUERY,
+                            {"owner": owner, "name": name, "number": issue})
+        node = ((data.get("data") or {}).get("repository") or {}).get("issue")
+        if not isinstance(node, dict):
+            raise Permanent(f"GraphQL gave no issue #{issue}")
+        edited = node.get("lastEditedAt")
+        return {"body": node.get("body") or "", "edited_at": github_time(edited) if edited else None,
+                "editor": (node.get("editor") or {}).get("login")}
 
     def sync_labels(self) -> list[dict[str, str]]:
         """Create or update LABELS on the repository; what was done to each."""
@@ -334,6 +358,32 @@ class Api:
                 action = "unchanged"
             done.append({"label": name, "color": color, "action": action})
         return done
+
+
+LAST_EDIT_QUERY = """query($owner: String!, $name: String!, $number: Int!) {
+  repository(owner: $owner, name: $name) { issue(number: $number) { body lastEditedAt editor { login } } }
+}"""
+
+
+MARKER_LINE = re.compile(r"<!-- lab:[a-z]+(?: [A-Za-z0-9:_.-]+)? -->")
+
+
+def leading_markers(body: str) -> list[str]:
+    """The marker lines a bot comment opens with; a marker quoted further down does not count."""
+    out = []
+    for line in body.splitlines():
+        if not MARKER_LINE.fullmatch(line.strip()):
+            break
+        out.append(line.strip())
+    return out
+
+
+def github_time(text: str | None) -> float:
+    """GitHub's `2026-12-01T10:00:00Z` as epoch seconds (0.0 when absent or unreadable)."""
+    try:
+        return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _next_link(header: str | None) -> str | None:
@@ -369,7 +419,11 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
     if len(lanes) != 1:
         raise SpecProblem("label", "the issue has both lane labels `gpu` and `cpu`",
                           "remove one of them: the label is the lane the job runs in")
-    blocks = TOML_BLOCK.findall(body or "")
+    if len(body or "") > BODY_MAX_CHARS:
+        raise SpecProblem("body", f"the issue body has {len(body or '')} characters "
+                          f"(at most {BODY_MAX_CHARS})",
+                          "shorten the body: the spec block is all the lab reads")
+    blocks = toml_blocks(body or "")
     if not blocks:
         raise SpecProblem("toml", "the issue body has no fenced ```toml block",
                           f'add one with `kind = "..."` (one of: {", ".join(job_kinds.kind_names())}) '
@@ -377,11 +431,7 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
     if len(blocks) > 1:
         raise SpecProblem("toml", f"the issue body has {len(blocks)} ```toml blocks",
                           "keep exactly one spec block (put examples in another language fence)")
-    try:
-        values = tomllib.loads(blocks[0])
-    except tomllib.TOMLDecodeError as e:
-        raise SpecProblem("toml", f"invalid TOML ({e})",
-                          "fix the syntax: `key = value`, strings in quotes") from None
+    values = _load_toml(blocks[0])
     kind = values.pop("kind", None)
     kinds = ", ".join(job_kinds.kind_names())
     if kind is None:
@@ -396,15 +446,22 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
     if earned_by is not None and not _positive_int(earned_by):
         raise SpecProblem("earned-by", f"{earned_by!r} is not a job id",
                           "write `earned-by = 17`, the id of the ablation job whose verdict was better")
-    _check_issue_paths(kind, values)
     try:
         lane = job_kinds.check_lane(kind, lanes[0])
+        # Paths resolved in the checkout's allowed roots, never a dotfile or the queue database,
+        # runs by id only; before the Spec, which would say whether a file exists.
+        check_spec_paths(kind, values)
         spec = job_kinds.parse_spec(kind, values)
     except ConfigError as e:
         field, _, problem = str(e).partition(": ")
         if field.startswith("Spec."):  # a kind's Spec names itself by class; the reader knows the kind
             field = f"{kind}.{field[5:]}"
         raise SpecProblem(field, problem or str(e), _fix_for(field, problem, kind)) from None
+    except (TypeError, ValueError, OverflowError, RecursionError, AttributeError, KeyError) as e:
+        # A value no kind's validation foresaw: the issue gets an answer, the bridge goes on.
+        raise SpecProblem(kind, f"the spec could not be validated ({type(e).__name__})",
+                          "check each value's type against `lab kinds` "
+                          "(strings in quotes, numbers bare)") from None
     spec_dict = job_kinds.spec_to_dict(spec)
     canon = json.dumps({"kind": kind, "lane": lane, "spec": spec_dict, "depends_on": depends_on,
                         "earned_by": earned_by}, sort_keys=True, default=str)
@@ -412,22 +469,51 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
     return IssueSpec(kind, lane, spec_dict, depends_on, earned_by, digest)
 
 
-# Spec keys that name files on the daemon's machine. From an issue they may only name files
-# inside the lab's checkout (a spec in harness/specs, a task directory, a text to tokenize):
-# a stranger-readable issue must not point a job at /etc or at another user's home.
-PATH_KEYS = ("src", "spec_file", "task_dir")
+def toml_blocks(body: str) -> list[str]:
+    """The bodies of the top-level ```toml fences, read line by line as CommonMark does (a fence
+    closes on a line of the same character at least as long). Linear in the body's length: a
+    regex with a lazy `.*?` rescans the rest of the body from every unclosed opening."""
+    blocks: list[str] = []
+    lines = body.splitlines()
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        fence, info = m.group(1), m.group(2).lower()
+        closing = re.compile(rf"^[ ]{{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        j = i + 1
+        while j < len(lines) and not closing.match(lines[j]):
+            j += 1
+        if info == "toml":
+            if j == len(lines):
+                raise SpecProblem("toml", "the ```toml block is never closed",
+                                  "end the spec block with a line of ``` (as many backticks as opened it)")
+            blocks.append("\n".join(lines[i + 1:j]) + "\n")
+        i = j + 1
+    return blocks
 
 
-def _check_issue_paths(kind: str, values: dict[str, Any]) -> None:
-    for key in PATH_KEYS:
-        given = values.get(key)
-        for path in given if isinstance(given, list) else [given]:
-            if not isinstance(path, str) or not path:
-                continue
-            if Path(path).is_absolute() or ".." in Path(path).parts:
-                raise SpecProblem(f"{kind}.{key}", f"{path!r} is outside the lab's checkout",
-                                  "from an issue, name a path relative to the repository root, "
-                                  "e.g. `harness/specs/khop_default.toml`")
+def _load_toml(text: str) -> dict[str, Any]:
+    if len(text) > SPEC_MAX_CHARS:
+        raise SpecProblem("toml", f"the spec block has {len(text)} characters (at most {SPEC_MAX_CHARS})",
+                          "a spec is a few keys: move long text out of the block")
+    depth = deepest = 0
+    for ch in text:  # brackets inside strings count too: a cap that errs on the safe side
+        depth += (ch in "[{") - (ch in "]}")
+        deepest = max(deepest, depth)
+    if deepest > SPEC_MAX_NESTING:
+        raise SpecProblem("toml", f"the spec nests {deepest} levels deep (at most {SPEC_MAX_NESTING})",
+                          "flatten the arrays and tables")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecProblem("toml", f"invalid TOML ({e})",
+                          "fix the syntax: `key = value`, strings in quotes") from None
+    except (RecursionError, ValueError, OverflowError, MemoryError) as e:
+        raise SpecProblem("toml", f"the spec block could not be read ({type(e).__name__})",
+                          "simplify the block: plain keys, numbers, strings and short arrays") from None
 
 
 def _positive_int(v: Any) -> bool:
@@ -453,7 +539,10 @@ def _fix_for(field: str, problem: str, kind: str) -> str:
 
 
 def _problem_hash(body: str | None, labels: list[str]) -> str:
-    blocks = TOML_BLOCK.findall(body or "")
+    try:
+        blocks = toml_blocks(body or "")
+    except SpecProblem:
+        blocks = [body or ""]
     seen = json.dumps({"blocks": blocks, "lanes": [x for x in LANE_LABELS if x in labels]}, sort_keys=True)
     return hashlib.sha256(seen.encode()).hexdigest()[:16]
 
@@ -584,6 +673,16 @@ class Bridge:
         except Permanent as e:  # retrying would not help; say so and move on
             self._error(f"issue #{issue.get('number')}: {e}")
             return True
+        except Stop:
+            raise  # the rate limit or the token: the whole cycle pauses
+        except Exception as e:  # noqa: BLE001 - one issue never stops the bridge
+            number = f"E-{uuid.uuid4().hex[:8]}"
+            log.error("issue #%s: error %s", issue.get("number"), number, exc_info=True)
+            self._error(f"issue #{issue.get('number')}: error {number}: {type(e).__name__}: {e}")
+            n = issue.get("number")
+            if isinstance(n, int) and not self.outbox.has(f"error:{n}"):
+                self._answer_notice(n, f"error:{n}", render.error_comment(f"error:{n}", number))
+            return True  # the issue is read again when it changes; the others go on now
 
     def handle_issue(self, issue: dict[str, Any]) -> None:
         n = int(issue["number"])
@@ -621,30 +720,102 @@ class Bridge:
             self.outbox.put_labels(f"needs-fix:{n}", n, add=[], remove=["needs-fix"])
         st = self.outbox.issue_state(n)
         reruns: list[dict[str, Any]] = []
+        runs: list[tuple[dict[str, Any], str]] = []
         cursor: dict[str, Any] = {}
         if int(issue.get("comments") or 0) != st["comments_seen"]:
             comments = self._read(lambda: self.api.comments(n))
             fresh = [c for c in comments if int(c["id"]) > st["last_comment_id"]]
-            reruns = [c for c in fresh if (c.get("body") or "").strip().split()[:1] == ["/rerun"]]
+            for c in fresh:
+                words = (c.get("body") or "").strip().split()[:2]
+                if words[:1] == ["/rerun"]:
+                    reruns.append(c)
+                elif words[:1] == ["/run"]:
+                    m = RUN_COMMAND.match(" ".join(words))
+                    runs.append((c, m.group(1).lower() if m else ""))
             cursor = {"comments_seen": int(issue.get("comments") or 0),
                       "last_comment_id": max([st["last_comment_id"]] + [int(c["id"]) for c in comments])}
-        trigger: tuple[str, str | None] | None = None
-        if not self.outbox.ran(n, spec.hash):
-            actor = self._read(lambda: self.api.labeller(n, spec.lane))
-            if self._authorised(actor):
-                trigger = ("spec", actor)
-            else:
-                self._answer_unauthorised(n, actor, f"Adding the `{spec.lane}` label")
-        for c in reruns:  # several `/rerun` comments since the last look make one run
-            author = (c.get("user") or {}).get("login")
-            if self._authorised(author):
-                trigger = trigger or ("rerun", author)
-            else:
-                self._answer_unauthorised(n, author, "A `/rerun` comment", key_suffix=str(c["id"]))
+        trigger = self._approved_trigger(n, issue, spec, reruns, runs)
+        if trigger == "reread":
+            return  # the body changed while we read it: the next cycle sees the new one
         if trigger is not None:
             self._start(n, spec, trigger[0], trigger[1], cursor, blocked)
         elif cursor:
             self.outbox.set_issue_state(n, **cursor)
+
+    def _approved_trigger(self, n: int, issue: dict[str, Any], spec: IssueSpec,
+                          reruns: list[dict[str, Any]], runs: list[tuple[dict[str, Any], str]]
+                          ) -> tuple[str, str | None] | str | None:
+        """Whether a writer approved this exact spec, and who: ("spec" | "rerun" | "run", login).
+
+        A writer approves the spec the body holds now by adding the lane label (or commenting
+        `/rerun`) after the body's last edit, or by commenting `/run <hash>` with this spec's hash
+        (the hash binds the approval to the text, whenever it was edited). A body last edited by a
+        writer is that writer's. Anything else is held, with a note on the issue saying why: the
+        author of an issue can edit it at any time, and a label is not a signature on later text."""
+        edit: dict[str, Any] | None = None
+
+        def edited_after(t: float) -> bool | str:
+            nonlocal edit
+            if edit is None:
+                try:
+                    edit = self._read(lambda: self.api.last_edit(n))
+                except Permanent as e:  # cannot tell when it was edited: only `/run <hash>` approves
+                    self._error(f"issue #{n}: reading its last edit: {e}")
+                    edit = {"body": issue.get("body") or "", "edited_at": float("inf"), "editor": None}
+                if (edit["body"] or "") != (issue.get("body") or ""):
+                    return "reread"
+            if edit["edited_at"] is None or t > edit["edited_at"]:
+                return False
+            return not (edit["editor"] and self._authorised(edit["editor"]))
+
+        trigger: tuple[str, str | None] | None = None
+        for c, digest in runs:
+            author = (c.get("user") or {}).get("login")
+            if not self._authorised(author):
+                self._answer_unauthorised(n, author, "A `/run` comment")
+            elif digest == spec.hash:
+                trigger = trigger or ("run", author)
+            else:
+                self._answer_notice(n, f"run-mismatch:{n}:{c['id']}", render.run_mismatch_comment(
+                    f"run-mismatch:{n}:{c['id']}", author, digest, spec.hash))
+        if trigger is not None:
+            return trigger
+        if not self.outbox.ran(n, spec.hash):
+            actor, labelled_at = self._read(lambda: self.api.labeller(n, spec.lane))
+            if not self._authorised(actor):
+                self._answer_unauthorised(n, actor, f"Adding the `{spec.lane}` label")
+            else:
+                after = edited_after(labelled_at)
+                if after == "reread":
+                    return "reread"
+                if not after:
+                    trigger = ("spec", actor)
+                else:
+                    self._answer_held(n, spec, actor, f"the `{spec.lane}` label", (edit or {}).get("editor"))
+        for c in reruns:  # several `/rerun` comments since the last look make one run
+            author = (c.get("user") or {}).get("login")
+            if not self._authorised(author):
+                self._answer_unauthorised(n, author, "A `/rerun` comment", key_suffix="rerun")
+                continue
+            after = False if self.outbox.ran(n, spec.hash) else edited_after(github_time(c.get("created_at")))
+            if after == "reread":
+                return "reread"
+            if not after:
+                trigger = trigger or ("rerun", author)
+            else:
+                self._answer_held(n, spec, author, "the `/rerun` comment", (edit or {}).get("editor"))
+        return trigger
+
+    def _answer_held(self, n: int, spec: IssueSpec, approver: str | None, what: str,
+                     editor: str | None) -> None:
+        key = f"held:{n}:{spec.hash}"
+        self._answer_notice(n, key, render.held_comment(key, spec.hash, approver, what, editor, spec.lane))
+
+    def _answer_notice(self, n: int, key: str, body: str) -> None:
+        if self.outbox.has(key):
+            return
+        self.outbox.put_comment(key, "notice", n, render.key_marker(key), self.s.scrub(body), editable=False)
+        self.summary["answered"] += 1
 
     def _authorised(self, login: str | None) -> bool:
         if not login:
@@ -726,7 +897,8 @@ class Bridge:
             n = int(job["issue"])
             paused = gpu_paused if job["lane"] == "gpu" else None
             self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
-                                    self.s.scrub(render.status_comment(job, paused)), job_id=job["id"])
+                                    self.s.scrub(render.status_comment(job, paused, self.outbox.run_of_job(
+                                        job["id"]))), job_id=job["id"])
             if job["status"] in FINAL:
                 self.outbox.put_comment(f"result:{job['id']}", "result", n, render.result_marker(job["id"]),
                                         self.s.scrub(render.result_comment(job)), job_id=job["id"],

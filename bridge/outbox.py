@@ -271,6 +271,13 @@ class Outbox:
         with self.store.transaction() as c:
             c.execute(update(runs).where(runs.c.issue == issue).values(withdrawn=True))
 
+    def run_of_job(self, job_id: int) -> dict[str, Any] | None:
+        """The run that started `job_id`: its spec hash, why (spec, rerun, run) and who approved it."""
+        q = select(runs.c.spec_hash, runs.c.reason, runs.c.actor).where(runs.c.job_id == job_id)
+        with self.store.reading() as c:
+            row = c.execute(q).first()
+        return dict(row._mapping) if row else None
+
     def issue_jobs(self, issue: int) -> list[int]:
         """Jobs the bridge started for `issue`, oldest first."""
         q = select(runs.c.job_id).where(runs.c.issue == issue, runs.c.job_id.is_not(None)).order_by(runs.c.id)

@@ -5,6 +5,11 @@ Every comment carries an HTML-comment marker (`<!-- lab:status 17 -->`, `<!-- la
 a status comment is edited only when something the reader sees has changed. Everything stays
 under GitHub's 65,536-character comment limit: long parts (log tail, ablation report) have
 fixed budgets and `fit` cuts whatever still overflows.
+
+Text the bot did not write (anything from an issue: field names, values, logins, kinds, arm and
+task names; anything a job printed or returned) goes through `untrusted`, and every body is
+`_sealed`: after its own marker lines it holds no `<!--` at all, so no text can hide the rest of
+a comment or carry another comment's marker.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +48,80 @@ INVALID_MARKER = "<!-- lab:invalid -->"
 
 
 def key_marker(key: str) -> str:
-    """A marker that names one outbox row, for comments that have no job of their own."""
-    return f"<!-- lab:key {key} -->"
+    """A marker that names one outbox row, for comments that have no job of their own. A key can
+    hold a login; whatever it holds, the marker cannot end early or ping, and it keeps the shape
+    bridge/github.py's MARKER_LINE reads (the bridge's own keys, hex hashes and plain logins,
+    pass unchanged; a bot login's `[bot]` becomes `_bot_`)."""
+    safe = re.sub(r"[^A-Za-z0-9:_.-]", "_", key).replace("--", "-_")
+    return f"<!-- lab:key {safe} -->"
+
+
+# --- text from outside ------------------------------------------------------------------------
+
+# How untrusted text is shown. The choice: a plain value (no character below) stays a code span,
+# exactly as before, since nothing inside `...` is markdown, HTML or a mention. Anything else is
+# escaped text: `&` `<` `>` become entities (so no tag, no `<!--` even in the raw body, where the
+# bridge looks for markers) and the markdown punctuation that acts inline gets a backslash
+# (backticks included, so no span opens or closes); with code=True it sits in <code>...</code>,
+# which renders like the span and, unlike a span, decodes those escapes (inside backticks
+# `&lt;` would show as typed). An @ that GitHub would read as a mention (at the start or after a
+# non-word character) gets a zero-width joiner: the name still reads, nobody is pinged. Line
+# breaks and other control characters become spaces, so no value starts a line (no heading, no
+# list, no table row, no fence), and values are cut to `limit` characters with an ellipsis.
+_NOT_PLAIN = re.compile(r"[`<>&|\\]")
+_BACKSLASHED = frozenset("\\`*[]|~$")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_ALNUM = _WORD - {"_"}
+ZWJ = "\u200d"
+
+
+def untrusted(text: object, limit: int = 200, code: bool = True) -> str:
+    """`text` from outside the bot, safe to put anywhere inline in a comment (a table cell too).
+    code=True: shown as code (the way field names and values are shown); code=False: as prose."""
+    raw = str(text)
+    raw = raw if len(raw) <= limit else raw[: max(0, limit - 1)] + "…"
+    s = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in raw)
+    if not s:
+        return "(empty)"
+    if code and not _NOT_PLAIN.search(s):
+        return f"`{s}`"
+    out = []
+    for i, c in enumerate(s):
+        before, after = s[i - 1] if i else "", s[i + 1] if i + 1 < len(s) else ""
+        if c in _ENTITIES:
+            out.append(_ENTITIES[c])
+        elif c in _BACKSLASHED or (c == "_" and not (before in _ALNUM and after in _ALNUM)):
+            out.append("\\" + c)  # an underscore inside a word never emphasises: left as it is
+        elif c == "@" and before not in _WORD:
+            out.append("@" + ZWJ)
+        else:
+            out.append(c)
+    escaped = "".join(out)
+    return f"<code>{escaped}</code>" if code else escaped
+
+
+def defuse(text: str) -> str:
+    """No HTML comment can start in `text`: a zero-width joiner after the `<` of each `<!--`. It
+    reads the same, in code blocks too (where an entity would show as typed)."""
+    return text.replace("<!--", "<" + ZWJ + "!--")
+
+
+def _sealed(head: str, body: str) -> str:
+    """A comment: the bot's marker lines `head`, then `body` with every `<!--` defused, so the
+    job's log, its report or any value in it cannot carry a marker the bridge would act on."""
+    return head + defuse(body)
+
+
+class Markdown(str):
+    """A table cell the bot wrote itself (markdown kept, e.g. a code span); any other string in
+    a table is untrusted and escaped."""
+
+
+# The names harness/ablate.py accepts (PLAIN_NAME there): a result whose arms have other names
+# was made before that check, and its report.md is not embedded (its names may be markdown).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_VERDICTS = ("better", "worse", "inconclusive")
 
 
 # --- small pieces ---------------------------------------------------------------------------
@@ -71,9 +149,12 @@ def number(v: Any) -> str:
 
 
 def cell(v: Any) -> str:
-    """A table cell: one line, pipes escaped, not too long."""
-    text = number(v).replace("\n", " ").replace("|", "\\|")
-    return text if len(text) <= 120 else text[:117] + "..."
+    """A table cell: one line, pipes escaped, not too long; text is escaped unless the bot wrote
+    it (Markdown)."""
+    if isinstance(v, Markdown):
+        text = v.replace("\n", " ").replace("|", "\\|")
+        return text if len(text) <= 120 else text[:117] + "..."
+    return untrusted(number(v), 120, code=False)
 
 
 def code_block(text: str, lang: str = "") -> str:
@@ -168,46 +249,53 @@ def _files_line(job: dict[str, Any]) -> str:
 # --- the comments ---------------------------------------------------------------------------
 
 
-def status_comment(job: dict[str, Any], lane_paused: str | None = None) -> str:
+def status_comment(job: dict[str, Any], lane_paused: str | None = None,
+                   approval: dict[str, Any] | None = None) -> str:
     """The one status comment of a job, edited in place as it moves. `lane_paused`: why the
-    lane this queued job waits in takes no new job (the disk guard), said on the issue."""
+    lane this queued job waits in takes no new job (the disk guard), said on the issue.
+    `approval`: the spec hash the job runs and who approved it (the bridge's run row)."""
     jid, status = job["id"], job["status"]
     lines = [status_marker(jid),
-             f"### {EMOJI.get(status, '')} Job {jid} · `{job['kind']}` on lane `{job['lane']}` · "
-             f"**{status}**", ""]
+             f"### {EMOJI.get(status, '')} Job {jid} · {untrusted(job['kind'])} on lane "
+             f"{untrusted(job['lane'])} · **{status}**", ""]
     rows: list[list[Any]] = []
     prog = job.get("progress") or {}
     if status == "blocked":
         after = f"waits for job {job['after_id']} to succeed" if job.get("after_id") else ""
-        why = job.get("held") or after
-        rows.append(["waiting", why or "blocked"])
+        why = job.get("held") or after  # held: the bot's or the operator's words, not an issue's
+        rows.append(["waiting", Markdown(why or "blocked")])
     if lane_paused and status == "queued":
-        rows.append(["waiting", f"the {job['lane']} lane is paused: {lane_paused}"])
+        rows.append(["waiting", Markdown(f"the {job['lane']} lane is paused: {lane_paused}")])
     if prog and prog.get("total"):
         step, total = prog.get("step", 0), prog["total"]
-        rows.append(["progress", f"{number(step)} / {number(total)} ({100 * step / total:.0f} %) "
-                                 f"`{progress_bar(step, total)}`"])
+        rows.append(["progress", Markdown(f"{number(step)} / {number(total)} ({100 * step / total:.0f} %) "
+                                          f"`{progress_bar(step, total)}`")])
         if status == "running" and prog.get("eta_s") is not None:
             rows.append(["ETA", duration(prog["eta_s"])])
         metrics = prog.get("metrics") or {}
-        if metrics:
+        if metrics:  # the job names its metrics: a plain string, so cell() escapes it
             rows.append(["latest", ", ".join(f"{k} = {number(v)}" for k, v in list(metrics.items())[:6])])
     if job.get("attempts"):
-        rows.append(["attempt", f"{job['attempts']} of {job.get('max_attempts', '?')}"
-                     + (f" on host `{job['host']}`" if job.get("host") else "")])
+        rows.append(["attempt", Markdown(f"{job['attempts']} of {job.get('max_attempts', '?')}"
+                                         + (f" on host `{job['host']}`" if job.get("host") else ""))])
+    if approval:
+        how = {"spec": "the lane label", "rerun": "`/rerun`", "run": "`/run`"}.get(
+            approval.get("reason") or "", "the lab")
+        rows.append(["spec", Markdown(f"`{approval['spec_hash']}` approved by "
+                                      f"{_plain_login(approval.get('actor'))} with {how}")])
     rows.append(["queued at", iso(job.get("created_at"))])
     if job.get("started_at"):
         rows.append(["started at", iso(job["started_at"])])
     if job.get("finished_at"):
         rows.append(["finished at", iso(job["finished_at"])])
     if job.get("cancel_requested") and status == "running":
-        rows.append(["cancel", f"requested: {job.get('cancel_reason') or ''}"])
+        rows.append(["cancel", f"requested: {job.get('cancel_reason') or ''}"])  # free text: escaped
     lines += [table(["", ""], rows), ""]
     if status in ("succeeded", "failed", "cancelled"):
         lines.append(f"Finished **{status}**: the result is in the comment below.")
     else:
         lines.append(f"Follow it: `lab logs {jid} --follow` · `lab show {jid}`")
-    return fit("\n".join(lines))
+    return fit(_sealed(lines[0] + "\n", "\n".join(lines[1:])))
 
 
 def result_comment(job: dict[str, Any]) -> str:
@@ -219,12 +307,15 @@ def result_comment(job: dict[str, Any]) -> str:
         took = job["finished_at"] - job["started_at"]
     parts = [result_marker(jid),
              f"### {EMOJI.get(status, '')} Job {jid} {status}",
-             f"`{job['kind']}` on lane `{job['lane']}` · took {duration(took)} · "
+             f"{untrusted(job['kind'])} on lane {untrusted(job['lane'])} · took {duration(took)} · "
              f"attempt {job.get('attempts', 0)} · finished {iso(job.get('finished_at')) or 'unknown'}"]
     result = job.get("result")
     if isinstance(result, dict) and "verdict" in result:
-        primary = f" on primary cell `{result['primary']}`" if result.get("primary") else ""
-        parts.append(f"**Verdict: {result['verdict']}**{primary}")
+        # the result is what the job returned: only the harness's own three words stay bold
+        verdict = result["verdict"]
+        shown = verdict if verdict in _VERDICTS else untrusted(verdict, 60, code=False)
+        primary = f" on primary cell {untrusted(result['primary'])}" if result.get("primary") else ""
+        parts.append(f"**Verdict: {shown}**{primary}")
         if result.get("verdict_line"):
             parts.append(f"verdict: {cell(str(result['verdict_line']))}")
         arms = result.get("arms") or []
@@ -233,7 +324,13 @@ def result_comment(job: dict[str, Any]) -> str:
                     "ci_high", "verdict"]
             parts.append(table(cols, [[a.get(c, "") for c in cols] for a in arms if isinstance(a, dict)]))
         report = run_dir / "report.md" if run_dir else None
-        if report is not None and report.is_file():
+        names = [a.get("name") for a in arms if isinstance(a, dict)]
+        if report is not None and report.is_file() and not all(
+                isinstance(n, str) and _PLAIN_NAME.fullmatch(n) for n in names):
+            # report.md is markdown the harness wrote with the arm names in it, embedded as it is;
+            # names that the harness would refuse today may be markdown, so it stays in the run
+            parts.append(f"report.md is not shown: its arm names are not plain names (`{report}`)")
+        elif report is not None and report.is_file():
             text = report.read_text(errors="replace")
             if len(text) > REPORT_CHARS:
                 text = text[:REPORT_CHARS] + f"\n\n... (cut; the whole report is `{report}`)"
@@ -244,7 +341,7 @@ def result_comment(job: dict[str, Any]) -> str:
     if status != "succeeded":
         reason = job.get("error") or job.get("cancel_reason") or "no reason recorded"
         exit_code = job.get("exit_code")
-        parts.append(f"**Reason:** {cell(reason) if len(reason) < 300 else reason[:300] + '...'}"
+        parts.append(f"**Reason:** {untrusted(reason, 300, code=False)}"
                      + (f" (exit code {exit_code})" if exit_code is not None else ""))
         log = run_dir / "log.txt" if run_dir else None
         if log is not None and log.is_file():
@@ -253,39 +350,77 @@ def result_comment(job: dict[str, Any]) -> str:
     if curve:
         parts.append(curve)
     parts.append(_files_line(job))
-    return fit("\n\n".join(parts), where=str(run_dir or f"runs/{jid}"))
+    return fit(_sealed(parts[0] + "\n\n", "\n\n".join(parts[1:])), where=str(run_dir or f"runs/{jid}"))
 
 
 def invalid_comment(key: str, field: str, problem: str, fix: str, example: str) -> str:
-    return fit("\n".join([
-        INVALID_MARKER, key_marker(key),
+    """`field`, `problem` and `fix` quote the issue (its keys, its values): all three are shown
+    escaped, the bot's own backticks in `problem` and `fix` included (they read as typed)."""
+    return fit(_sealed(INVALID_MARKER + "\n" + key_marker(key) + "\n", "\n".join([
         "### ⚠️ This issue's spec cannot run yet",
         "",
-        f"**Field:** `{field}` — {problem}",
+        f"**Field:** {untrusted(field)} — {untrusted(problem, 500, code=False)}",
         "",
-        f"**Fix:** {fix}",
+        f"**Fix:** {untrusted(fix, 500, code=False)}",
         "",
         "A spec is one fenced toml block in the issue body, for example:",
         "",
         code_block(example, "toml"),
         "",
         "Edit the issue body; the lab reads it again on its next poll and the `needs-fix` label goes away.",
-    ]))
+    ])))
 
 
 def unauthorised_comment(key: str, login: str | None, what: str) -> str:
-    who = f"@{login}" if login else "whoever added the label"
-    return "\n".join([
-        key_marker(key),
-        f"Thanks {who}! {what} needs someone with write access to this repository (or listed in "
+    """`what` is the bot's own words; the login is named without an `@` (no ping)."""
+    who = _plain_login(login) if login else "whoever added the label"
+    return _sealed(key_marker(key) + "\n", "\n".join([
+        f"Thanks, {who}! {what} needs someone with write access to this repository (or listed in "
         "`LAB_ALLOWED_USERS`) to start lab work, so nothing was queued. A maintainer can add the lane label "
         "(`gpu` or `cpu`) or comment `/rerun` to run it.",
-    ])
+    ]))
 
 
 def waiting_comment(key: str, dep_issue: int) -> str:
+    dep_issue = int(dep_issue)  # a number, whatever the caller passed: nothing else is shown
     return "\n".join([
         key_marker(key),
         f"⏳ This spec has `depends-on = {dep_issue}`, and issue #{dep_issue} has no job yet. "
         f"It will be queued as soon as #{dep_issue} gets one, and run once that job succeeds.",
     ])
+
+
+def _plain_login(login: str | None) -> str:
+    """A GitHub login shown without an `@`, so the bot's note pings no one; anything that is not
+    a login's shape is not shown at all."""
+    return f"`{login}`" if login and re.fullmatch(r"[A-Za-z0-9-]{1,39}(\[bot\])?", login) else "someone"
+
+
+def held_comment(key: str, spec_hash: str, approver: str | None, what: str, editor: str | None,
+                 lane: str) -> str:
+    """The spec changed after a writer approved the issue: nothing runs until this exact text is."""
+    return _sealed(key_marker(key) + "\n", "\n".join([
+        f"⏸️ Not queued: the issue body was last edited (by {_plain_login(editor)}) after "
+        f"{_plain_login(approver)} approved it with {what}, so that approval does not cover the spec the "
+        f"body holds now (hash `{spec_hash}`). A job runs only a spec a writer approved.",
+        "",
+        f"To run this exact spec, someone with write access comments `/run {spec_hash}`, or removes and "
+        f"adds the `{lane}` label again after reading it.",
+    ]))
+
+
+def run_mismatch_comment(key: str, author: str | None, given: str, spec_hash: str) -> str:
+    shown = f"`{given}`" if re.fullmatch(r"[0-9a-f]{16}", given) else "no 16-digit hash"
+    return _sealed(key_marker(key) + "\n", "\n".join([
+        f"Not queued: the `/run` comment by {_plain_login(author)} names {shown}, but the spec in the "
+        f"issue body now has hash `{spec_hash}` (the body changed, or the hash was mistyped). Read the "
+        f"spec, then comment `/run {spec_hash}` to run it.",
+    ]))
+
+
+def error_comment(key: str, number: str) -> str:
+    """The lab failed on this issue in a way it did not foresee: say so, quoting nothing."""
+    return _sealed(key_marker(key) + "\n", "\n".join([
+        f"⚠️ The lab could not handle this issue (error `{number}` in the lab's log), so nothing was queued. "
+        "Editing the issue makes the lab read it again; the maintainers can find the error by its number.",
+    ]))

@@ -30,7 +30,8 @@ INSTRUCTIONS = """The reasoning-lab job queue. Submit work with `submit` (kind +
 way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`, requeue a failed
 or cancelled one with `retry`; `status` shows both lanes and the daemon; `kinds` lists each kind's spec
 fields. Training and GPU work only ever run through this queue. A `train` job with preset rtx2060 on the
-gpu lane needs `earned_by` = a succeeded ablation with verdict `better` (or force=true with a reason)."""
+gpu lane needs `earned_by` = a succeeded ablation with verdict `better`; only the person can force it,
+from their own terminal. `issue` must be an issue the lab already tracks (one labelled for a job)."""
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -48,17 +49,19 @@ def submit(
                                                              "(like `--set key=value`)")] = None,
     lane: Annotated[Literal["gpu", "cpu"] | None, Field(description="Default: the kind's first lane")] = None,
     after: Annotated[int | None, Field(description="Run only after this job succeeded")] = None,
-    priority: Annotated[int, Field(description="Higher runs first within a lane")] = 0,
+    priority: Annotated[int, Field(description="Higher runs first within a lane",
+                                   ge=-service.PRIORITY_LIMIT, le=service.PRIORITY_LIMIT)] = 0,
     timeout_s: Annotated[float | None, Field(description="Seconds before the job is killed", gt=0)] = None,
     earned_by: Annotated[int | None, Field(description="The ablation job that earned a full GPU run")] = None,
-    force: Annotated[bool, Field(description="Skip the earned-run gate (needs reason)")] = False,
-    reason: Annotated[str | None, Field(description="Why the gate is forced (recorded)")] = None,
-    issue: Annotated[int | None, Field(description="GitHub issue the result is posted to")] = None,
+    issue: Annotated[int | None, Field(description="A GitHub issue the lab already tracks; the result is "
+                                                   "posted there")] = None,
 ) -> dict[str, Any]:
-    """Queue a job (validated like `lab submit`); returns the job as `show` does."""
+    """Queue a job (validated like `lab submit`); returns the job as `show` does. There is no force:
+    the earned-run gate is the person's to override, never the agent's."""
+    if issue is not None:
+        _call(service.check_tracked_issue, issue)
     return _call(service.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
-                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, force=force, reason=reason,
-                 source="mcp")
+                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, source="mcp")
 
 
 def status() -> dict[str, Any]:

@@ -17,7 +17,12 @@ from typing import Any
 import config
 import jobs
 from config import ConfigError
+from jobs.paths import check_spec_paths
 from store import ACTIVE, FINAL, Store, iso, public
+
+# Priorities order jobs within a lane; a bound keeps one caller from outranking every job forever
+# with a number no person would type.
+PRIORITY_LIMIT = 1000
 
 
 class GateError(ConfigError):
@@ -68,9 +73,17 @@ def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after:
     store = store or open_store()
     q = config.queue_config()
     lane = jobs.check_lane(kind, lane)
+    # Before the Spec looks at any file: only files in the checkout's allowed roots, never a
+    # dotfile or the queue database, and runs by id (jobs/paths.py); the job checks it again.
+    check_spec_paths(kind, values)
     spec = jobs.spec_to_dict(jobs.parse_spec(kind, values))
     if after is not None and store.get(after) is None:
         raise ConfigError(f"--after: job {after} does not exist")
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > PRIORITY_LIMIT:
+        raise ConfigError(f"--priority: {priority!r} is out of range (allowed: -{PRIORITY_LIMIT} to "
+                          f"{PRIORITY_LIMIT})")
+    if issue is not None and (isinstance(issue, bool) or not isinstance(issue, int) or not 0 < issue < 2**31):
+        raise ConfigError(f"--issue: {issue!r} is not an issue number")
     if timeout_s is not None and not 0 < timeout_s <= 30 * 86_400:
         raise ConfigError(f"--timeout: {timeout_s!r} is out of range (allowed: (0, 2592000] seconds)")
     check_gate(store, kind, lane, spec, earned_by, force, reason)
@@ -88,6 +101,15 @@ def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after:
         # Not an error: the host's daemon may start later. But a typo would wait forever.
         out["warning"] = f"no daemon has run on host {host!r} yet; the job waits until one does"
     return out
+
+
+def check_tracked_issue(issue: int, store: Store | None = None) -> None:
+    """The agent may link a job only to an issue the lab already tracks (one a job came from):
+    its comments, log tails included, must not land on any issue it names."""
+    store = store or open_store()
+    if not any(j["source"] == "github" for j in store.list_jobs(issue=issue)):
+        raise ConfigError(f"issue: #{issue} is not an issue the lab tracks (no job came from it); "
+                          "label the issue `gpu` or `cpu` to start one there")
 
 
 def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[str, Any]:

@@ -58,6 +58,18 @@ NOT_APPLIED = {
     "gpu_memory_fraction": "a full run's setting",
 }
 MATCH_AXES = ("params", "distinct_blocks", "train_flops", "inference_flops")
+# Arm names, task names and a task directory's split names are printed as they are into
+# report.md, the verdict line and the issue's result comment: a name is letters, digits, `_`,
+# `.` and `-` only, so it can carry no markdown (no line break, heading, emphasis, `|`, `<!--`).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NAME_RULE = "is not a name: use 1-64 letters, digits, '_', '.' or '-'"
+
+
+def check_name(where: str, name: str, what: str = "") -> None:
+    """ConfigError `<where>: <what>'<name>' is not a name...` (one line: the name is repr'd)."""
+    if not PLAIN_NAME.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise ConfigError(f"{where}: {what}{shown!r} {_NAME_RULE}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,9 @@ class ArmSpec(config.Validated):
     arch: Literal["refiner", "reasoner"]
     n_steps: int | None = config.setting(None, 1, 128, "the arm's depth at test")
     set: dict = field(default_factory=dict)  # config overrides
+
+    def _check_relations(self) -> None:
+        check_name("arm.name", self.name)
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,7 @@ def parse_spec(values: dict[str, Any]) -> AblationSpec:
 
 
 def _check_spec(spec: AblationSpec) -> None:
+    check_name("ablation.task", spec.task)  # recorded and shown even when task_dir replaces it
     if spec.baseline not in [a.name for a in spec.arms]:
         raise ConfigError(f"ablation.baseline: {spec.baseline!r} is not an arm "
                           f"(arms: {', '.join(a.name for a in spec.arms)})")
@@ -189,6 +205,11 @@ def _check_spec(spec: AblationSpec) -> None:
         raise ConfigError(f"ablation.task: unknown task {spec.task!r} (allowed: {', '.join(TASK_NAMES)}, "
                           "or task_dir)")
     task = make_task(spec.task, spec.task_dir or None, seed=0)
+    if spec.task_dir:  # the directory names the task (dir:NAME) and its test*.jsonl files the splits
+        if Path(spec.task_dir).name:
+            check_name("ablation.task_dir", Path(spec.task_dir).name, "the directory ")
+        for split in task.splits:
+            check_name("ablation.task_dir", split, "the split (a test*.jsonl file's name) ")
     _check_primary(spec, task)
     configs = [arm_config(spec, arm, task, where=f"ablation.arms[{i}]") for i, arm in enumerate(spec.arms)]
     if spec.matched:
@@ -634,6 +655,9 @@ def _ratio_text(m: dict[str, Any]) -> str:
 
 
 def render_report(spec: AblationSpec, task: Task, summary: dict[str, Any]) -> str:
+    """report.md. Every name in it is printed as it is, which is safe because validation made
+    each one plain (PLAIN_NAME: arms, the task, a task directory's splits) or the harness chose
+    it (buckets, trivial baselines, verdicts); the result comment embeds this file."""
     from harness.tasks import REFERENCES
 
     cell, conf = spec.cell, int(round(summary["confidence"] * 100))

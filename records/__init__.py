@@ -396,6 +396,54 @@ def config_differences(configs: list[dict[str, Any]]) -> list[tuple[str, list[st
     return out
 
 
+# Names and values in a finding come from an ablation record: arm and task names, the primary
+# cell, the verdict line and the spec's own values (`why`, ...), all written by whoever wrote the
+# spec (an issue, maybe) and, in records older than the harness's name check, not even plain
+# names. None is trusted to be markdown. The rule is that of bridge/render.untrusted (not imported:
+# the bridge sits above records): a plain value is a code span; anything else is escaped text
+# (`&` `<` `>` as entities, the inline markdown punctuation backslashed), in <code> where a code
+# span was meant; line breaks become spaces, so no value starts a line (a heading, a row, a fence).
+_NOT_PLAIN = re.compile(r"[`<>&|\\]")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _one_line(v: Any) -> str:
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", str(v))
+
+
+def _text(v: Any) -> str:
+    """A record's value as escaped prose (a table cell too: `|` is escaped)."""
+    s = _one_line(v)
+    out = []
+    for i, c in enumerate(s):
+        if c in _ENTITIES:
+            out.append(_ENTITIES[c])
+        elif c in "\\`*[]|~$" or (c == "_" and not (s[i - 1:i] in _ALNUM and s[i + 1:i + 2] in _ALNUM)):
+            out.append("\\" + c)  # an underscore inside a word never emphasises: left as it is
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _code(v: Any) -> str:
+    """A record's value shown as code: a code span when plain, else escaped text in <code>."""
+    s = _one_line(v)
+    return f"`{s}`" if s and not _NOT_PLAIN.search(s) else f"<code>{_text(s)}</code>"
+
+
+def _fence(text: str, lang: str) -> list[str]:
+    """`text` fenced with more backticks than any run inside it: no line of it can close the block."""
+    fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    return [fence + lang, text.rstrip(), fence]
+
+
+def _sh_quote(arg: str) -> str:
+    """One shell word, always single-quoted (a `'` inside is closed, escaped and reopened), so a
+    value from the spec cannot end the quote and add a command to the reproduce line."""
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     n = _num(v)
     return "-" if n is None else f"{n:.{digits}f}"
@@ -418,16 +466,16 @@ def _claim(abl: dict[str, Any], spec: dict[str, Any]) -> tuple[str, dict[str, An
     task = spec.get("task_dir") or spec.get("task") or abl.get("task") or "the task"
     split = abl.get("primary") or spec.get("primary") or "the primary cell"
     if subject is None:
-        return f"Verdict `{abl['verdict']}` on {task} (primary cell `{split}`).", None
+        return f"Verdict {_code(abl['verdict'])} on {_text(task)} (primary cell {_code(split)}).", None
     d, lo, hi = _diff_of(subject)
     diff = f" (paired difference {_fmt(d)}, 95% CI [{_fmt(lo)}, {_fmt(hi)}])" if _num(d) is not None else ""
     words = {"better": "beats", "worse": "is worse than"}
     word = words.get(str(subject.get("verdict")), "does not separate from")
     seeds = len(subject.get("per_seed") or []) or spec.get("seeds", "?")
-    claim = (f"`{subject['name']}` {word} the baseline `{baseline}` on {task}, primary cell `{split}`{diff}, "
-             f"over {seeds} seeds: verdict **{subject.get('verdict')}**.")
+    claim = (f"{_code(subject['name'])} {word} the baseline {_code(baseline)} on {_text(task)}, primary cell "
+             f"{_code(split)}{diff}, over {_text(seeds)} seeds: verdict **{_text(subject.get('verdict'))}**.")
     if abl.get("verdict_line"):
-        claim += f" The harness's verdict line: `{abl['verdict_line']}`."
+        claim += f" The harness's verdict line: {_code(abl['verdict_line'])}."
     return claim, subject
 
 
@@ -440,33 +488,35 @@ def _evidence_context(abl: dict[str, Any]) -> list[str]:
     for a in abl.get("arms", []):
         m = a.get("matching")
         if m:
-            bad = [f"{k} {v['ratio']:.2f}x" for k, v in m.items() if not v.get("matched")]
-            good = [f"{k} {v['ratio']:.2f}x" for k, v in m.items() if v.get("matched")]
-            out.append(f"- {a['name']} vs baseline: matched {', '.join(good) or 'nothing'}; "
+            bad = [f"{_text(k)} {v['ratio']:.2f}x" for k, v in m.items() if not v.get("matched")]
+            good = [f"{_text(k)} {v['ratio']:.2f}x" for k, v in m.items() if v.get("matched")]
+            out.append(f"- {_text(a['name'])} vs baseline: matched {', '.join(good) or 'nothing'}; "
                        f"not matched: {', '.join(bad) or 'nothing'}")
     if out:
         out = ["", f"What is matched (within {abl.get('match_ratio', 1.5)}x) and what is not:", "", *out]
     base = (abl.get("baselines") or {}).get(split) or {}
     if base:
-        out += ["", f"Trivial baselines and references on `{split}` / `{bucket}`: "
-                + ", ".join(f"{k} {_fmt(v.get(bucket))}" for k, v in base.items()) + "."]
+        out += ["", f"Trivial baselines and references on {_code(split)} / {_code(bucket)}: "
+                + ", ".join(f"{_text(k)} {_fmt(v.get(bucket))}" for k, v in base.items()) + "."]
     if abl.get("overlap"):
-        found = [f"{s} {o.get('in_train')}/{o.get('lines')}" for s, o in abl["overlap"].items()]
+        found = [f"{_text(s)} {_text(o.get('in_train'))}/{_text(o.get('lines'))}"
+                 for s, o in abl["overlap"].items()]
         out += ["", "Test lines found in the training stream: " + ", ".join(found) + "."]
     if abl.get("deepest_trained") is not None:
-        out += ["", f"Trained on difficulty <= {abl['deepest_trained']}; never trained: "
-                f"{', '.join(abl.get('never_trained') or []) or 'none'}."]
+        out += ["", f"Trained on difficulty <= {_text(abl['deepest_trained'])}; never trained: "
+                f"{', '.join(_text(b) for b in abl.get('never_trained') or []) or 'none'}."]
     arms = [a for a in abl.get("arms", []) if split in (a.get("grid") or {})]
     if arms:
         rows = [r for a in arms for r in a["grid"][split].values()]
         cols = ["all", *[b for b in rows[0] if b != "all" and any(r.get(b) is not None for r in rows)]]
-        out += ["", f"Depth x difficulty on `{split}` (mean over seeds; ← the depth the verdict reads):", "",
-                "| arm | depth | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+        out += ["", f"Depth x difficulty on {_code(split)} (mean over seeds; ← the depth the verdict reads):",
+                "", "| arm | depth | " + " | ".join(_text(c) for c in cols) + " |",
+                "|---|---:|" + "---:|" * len(cols)]
         for a in arms:
             for d, row in a["grid"][split].items():
                 arrow = " ←" if str(a.get("read_depth")) == str(d) else ""
                 cells = " | ".join(_fmt(row.get(c)) for c in cols)
-                out.append(f"| {a['name']} | {d}{arrow} | {cells} |")
+                out.append(f"| {_text(a['name'])} | {_text(d)}{arrow} | {cells} |")
     return out
 
 
@@ -481,20 +531,20 @@ def _limits(abl: dict[str, Any], spec: dict[str, Any], subject: dict[str, Any] |
                    "cannot separate them, whatever their architectures could do on a harder one.")
     best = abl.get("best_trivial") or {}
     if best and means and all(m is not None and m <= float(best.get("value", 0)) + 0.05 for m in means):
-        out.append(f"- Both arms of the verdict are within 0.05 of the trivial baseline {best.get('name')}: "
-                   "neither learned the cell beyond a shortcut.")
+        out.append("- Both arms of the verdict are within 0.05 of the trivial baseline "
+                   f"{_text(best.get('name'))}: neither learned the cell beyond a shortcut.")
     bad = [k for k, v in ((subject or {}).get("matching") or {}).items() if not v.get("matched")]
     if bad:
-        out.append(f"- Not matched between the two arms: {', '.join(bad)} (over "
+        out.append(f"- Not matched between the two arms: {', '.join(_text(b) for b in bad)} (over "
                    f"{abl.get('match_ratio', 1.5)}x); the difference, or its absence, may come from them.")
     cell = abl.get("primary_cell") or {}
     if cell.get("bucket") in (abl.get("never_trained") or []):
-        out.append(f"- The primary bucket `{cell.get('bucket')}` was never trained: the cell measures "
+        out.append(f"- The primary bucket {_code(cell.get('bucket'))} was never trained: the cell measures "
                    "extrapolation in difficulty, on this task only.")
     steps, task = spec.get("steps") or "the preset's", spec.get("task_dir") or spec.get("task")
-    out.append(f"- One task (`{task}`), one budget ({steps} steps, preset "
-               f"`{spec.get('preset')}`), {spec.get('seeds')} seeds, CPU fp32; it says nothing yet of other "
-               "tasks, longer training or the `rtx2060` scale.")
+    out.append(f"- One task ({_code(task)}), one budget ({_text(steps)} steps, preset "
+               f"{_code(spec.get('preset'))}), {_text(spec.get('seeds'))} seeds, CPU fp32; it says nothing "
+               "yet of other tasks, longer training or the `rtx2060` scale.")
     return out
 
 
@@ -513,8 +563,8 @@ def finding_markdown(job: str, title: str, abl: dict[str, Any],
     if supersedes:
         lines += [f"> Supersedes [{Path(supersedes).name}]({Path(supersedes).name}).", ""]
     lines += [f"**Claim.** {claim}", "", "## Evidence", "",
-              f"Accuracy on the primary cell `{split}` (chosen before the run): the mean over seeds with "
-              f"its {abl.get('confidence', 0.95):.0%} interval, and the paired difference against the "
+              f"Accuracy on the primary cell {_code(split)} (chosen before the run): the mean over seeds "
+              f"with its {abl.get('confidence', 0.95):.0%} interval, and the paired difference against the "
               "baseline.", "",
               "| arm | params | distinct blocks | train FLOPs/token | read depth | mean | 95% CI "
               "| diff vs baseline (95% CI) | p (Holm) | per seed | verdict |",
@@ -526,19 +576,19 @@ def finding_markdown(job: str, title: str, abl: dict[str, Any],
         seeds = ", ".join(_fmt(s) for s in a.get("per_seed") or [])
         flops = _num(a.get("flops_per_token"))
         interval = f"[{_fmt(a.get('ci_low'))}, {_fmt(a.get('ci_high'))}]"
-        lines.append(f"| {a.get('name')} | {a.get('params', '-')} | {a.get('distinct_blocks', '-')} | "
-                     f"{f'{flops:.3g}' if flops else '-'} | {a.get('read_depth', '-')} | "
-                     f"{_fmt(a.get('mean'))} | {interval} | {diff} | {p_holm} | {seeds} "
-                     f"| {a.get('verdict', '-')} |")
+        lines.append(f"| {_text(a.get('name'))} | {_text(a.get('params', '-'))} | "
+                     f"{_text(a.get('distinct_blocks', '-'))} | {f'{flops:.3g}' if flops else '-'} | "
+                     f"{_text(a.get('read_depth', '-'))} | {_fmt(a.get('mean'))} | {interval} | {diff} | "
+                     f"{p_holm} | {seeds} | {_text(a.get('verdict', '-'))} |")
     lines += _evidence_context(abl)
     lines += ["", "## What this cannot show", "", *_limits(abl, spec, subject)]
     min_effect = abl.get("min_effect", config.ABLATION.min_effect)
     holm = " (Holm-corrected over the tested arms)" if abl.get("correction") == "holm" else ""
     lines += ["", "## Verdict", "",
-              f"Overall verdict: **{abl['verdict']}**. The rule: `better` only when the paired difference "
-              f"against the baseline is significant at 95%{holm} and the mean difference is at least "
-              f"the minimum effect ({min_effect}); `worse` is the mirror; anything else is `inconclusive`. "
-              "The ablation's verdict is that of its first arm other than the baseline.",
+              f"Overall verdict: **{_text(abl['verdict'])}**. The rule: `better` only when the paired "
+              f"difference against the baseline is significant at 95%{holm} and the mean difference is at "
+              f"least the minimum effect ({min_effect}); `worse` is the mirror; anything else is "
+              "`inconclusive`. The ablation's verdict is that of its first arm other than the baseline.",
               "", "## What differs between the arms", ""]
     names = [a.get("name", "?") for a in spec.get("arms", [])]
     diffs = arm_differences(spec.get("arms", []))
@@ -547,25 +597,26 @@ def finding_markdown(job: str, title: str, abl: dict[str, Any],
         diffs += [(k, v) for k, v in config_differences(configs) if k not in {d[0] for d in diffs}]
     if diffs:
         lines += ["The arm keys and every resolved config value that differs:", "",
-                  "| key | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in diffs]
+                  "| key | " + " | ".join(_text(n) for n in names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {_text(k)} | " + " | ".join(_text(v) for v in vals) + " |" for k, vals in diffs]
     else:
         lines.append("(the spec records no per-arm difference)")
     common = {k: v for k, v in spec.items() if k != "arms" and v not in (None, "")}
     if common:
-        lines += ["", "Shared by every arm: " + ", ".join(f"`{k} = {toml_value(v)}`"
+        lines += ["", "Shared by every arm: " + ", ".join(_code(f"{k} = {toml_value(v)}")
                                                          for k, v in common.items()) + "."]
     lines += ["", "## Reproduce", "", "Save the spec as `spec.toml`, then queue it (or run it in the "
-              "foreground with `lab ablate --spec spec.toml`):", "", "```toml", spec_to_toml(spec).rstrip(),
-              "```", "", "```sh", "lab submit ablation --lane cpu " + " ".join(
-                  f"--set '{k}={toml_value(v)}'" for k, v in spec.items() if v not in (None, "")), "```",
+              "foreground with `lab ablate --spec spec.toml`):", "", *_fence(spec_to_toml(spec), "toml"),
+              "", *_fence("lab submit ablation --lane cpu " + " ".join(
+                  f"--set {_sh_quote(f'{k}={toml_value(v)}')}" for k, v in spec.items()
+                  if v not in (None, "")), "sh"),
               "", "## Provenance", "",
               f"- job: `{job}`" + (f" (`lab show {job} --json`)" if job.isdigit() else "")
               + f"; run directory `{runs_root() / job}`",
-              f"- git commit: `{abl.get('git_commit', 'unknown')}`"]
+              f"- git commit: {_code(abl.get('git_commit', 'unknown'))}"]
     versions = abl.get("versions") or abl.get("package_versions")
     if isinstance(versions, dict):
-        lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append("- packages: " + ", ".join(f"{_text(k)} {_text(v)}" for k, v in versions.items()))
     return fm, "\n".join(lines) + "\n"
 
 

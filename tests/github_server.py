@@ -192,7 +192,7 @@ class FakeGitHub:
             now = time.time()
             issue = {"number": number, "id": self._next_id(), "title": title, "body": body, "state": "open",
                      "user": user, "labels": [], "created_at": now, "updated_at": now, "closed_at": None,
-                     "pull_request": pull_request, "comments": 0}
+                     "pull_request": pull_request, "comments": 0, "last_edited_at": None, "editor": None}
             self.issues[number] = issue
             self.events[number] = []
             for name in labels:
@@ -213,11 +213,16 @@ class FakeGitHub:
             issue["state"], issue["closed_at"] = "closed", time.time()
             self._event(issue, "closed", actor)
 
-    def edit_body(self, number: int, body: str) -> None:
+    def edit_body(self, number: int, body: str, editor: str | None = None) -> None:
+        """An edit of the issue body (by its author unless `editor` says who): GitHub records
+        when and by whom (GraphQL `lastEditedAt`, `editor`); no REST event says it."""
         with self.lock:
             issue = self.issues[number]
-            issue["body"] = body
-            self._touch(issue)
+            self._set_body(issue, body, editor or issue["user"])
+
+    def _set_body(self, issue: dict[str, Any], body: str, editor: str) -> None:
+        issue["body"], issue["last_edited_at"], issue["editor"] = body, time.time(), editor
+        self._touch(issue)
 
     def comment(self, number: int, body: str, user: str) -> int:
         with self.lock:
@@ -447,6 +452,8 @@ class FakeGitHub:
         with self.lock:
             if path == "/user" and method == "GET":  # the token's own account
                 return 200, self._user_json(self.bot), {}
+            if path == "/graphql" and method == "POST":
+                return self._graphql(data)
             if path == "/rate_limit" and method == "GET":
                 core = {"limit": self.rate_limit, "remaining": self.rate_remaining,
                         "reset": int(self.rate_reset) + 1, "used": self.rate_limit - self.rate_remaining,
@@ -489,6 +496,30 @@ class FakeGitHub:
             (r"/labels/([^/]+)", "PATCH", self._update_label),
             (r"/collaborators/([^/]+)/permission", "GET", self._permission),
         ]
+
+    # The one GraphQL query the bridge sends: an issue's body with its last edit (time and editor),
+    # which GitHub's REST API does not expose. Answered in GraphQL's shapes: 200 with `data`, and
+    # `errors` of type NOT_FOUND for an issue that does not exist.
+    GRAPHQL_ISSUE = re.compile(
+        r"repository\(owner:\s*\$owner,\s*name:\s*\$name\)\s*\{\s*issue\(number:\s*\$number\)")
+
+    def _graphql(self, d: Any) -> tuple[int, Any, dict[str, str]]:
+        query, variables = (d or {}).get("query") or "", (d or {}).get("variables") or {}
+        if not self.GRAPHQL_ISSUE.search(query):
+            return 200, {"errors": [{"message": "the stand-in answers only the bridge's issue query"}]}, {}
+        owner, name = self.repo.split("/")
+        issue = self.issues.get(variables.get("number")) if (variables.get("owner"), variables.get("name")) \
+            == (owner, name) else None
+        if issue is None:
+            return 200, {"data": {"repository": {"issue": None}}, "errors": [{
+                "type": "NOT_FOUND", "path": ["repository", "issue"],
+                "message": f"Could not resolve to an Issue with the number of {variables.get('number')}.",
+            }]}, {}
+        node = {"number": issue["number"], "body": issue["body"], "createdAt": _now_iso(issue["created_at"]),
+                "lastEditedAt": _now_iso(issue["last_edited_at"]) if issue["last_edited_at"] else None,
+                "editor": {"login": issue["editor"]} if issue["editor"] else None,
+                "author": {"login": issue["user"]}}
+        return 200, {"data": {"repository": {"issue": node}}}, {}
 
     def _issue(self, n: str | int) -> dict[str, Any]:
         issue = self.issues.get(int(n))
@@ -552,7 +583,7 @@ class FakeGitHub:
         issue = self._issue(n)
         d = d or {}
         if "body" in d:
-            issue["body"] = d["body"]
+            self._set_body(issue, d["body"], self.bot)
         if "title" in d:
             issue["title"] = d["title"]
         if d.get("state") in ("open", "closed") and d["state"] != issue["state"]:

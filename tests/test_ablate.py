@@ -240,3 +240,62 @@ def test_holm_correction_and_the_verdict_line():
     shortcut = _summary(spec, values, one_hop=0.9)
     flagged = "does not clear the trivial baseline one_hop (0.900): a shortcut, not reasoning"
     assert flagged in shortcut["verdict_line"]
+
+
+# --- names that reach report.md and the issue's result comment ----------------------------------
+
+FORGED = "x\n## Verdict: **better**"
+
+
+@pytest.mark.parametrize("name", [FORGED, "a b", "<!-- lab:status 2 -->", "`x`", "@octocat", "", "n" * 65,
+                                  "é", "a|b", "*bold*"])
+def test_an_arm_name_cannot_carry_markdown(name):
+    """Security review: an arm named "x\\n## Verdict: **better**" went raw into report.md and the
+    result comment, forging a `better` heading in an inconclusive result."""
+    arms = [{"name": name, "arch": "refiner", "n_steps": 4, "set": {"d_model": 32}}, GOOD["arms"][1]]
+    with pytest.raises(ConfigError) as e:
+        parse_spec(_with(arms=arms))
+    assert str(e.value).startswith("ablation.arms[0].name: ") and "\n" not in str(e.value)
+
+
+def test_plain_names_pass_and_the_report_keeps_its_one_heading():
+    from harness.ablate import render_report
+    from harness.tasks import make_task
+
+    arms = [{"name": "refiner_k4.v2", "arch": "refiner", "n_steps": 4, "set": {"d_model": 32}},
+            {"name": "F-1", "arch": "reasoner", "n_steps": 1, "set": {"d_model": 32}}]
+    spec = parse_spec(_with(arms=arms, baseline="F-1"))
+    s = _summary(spec, {"refiner_k4.v2": [0.6, 0.7, 0.8], "F-1": [0.5, 0.6, 0.7]}, one_hop=0.25)
+    report = render_report(spec, make_task(spec.task), s)
+    assert [ln for ln in report.splitlines() if ln.startswith("#")] == [report.splitlines()[0]]
+    assert "| refiner_k4.v2 |" in report
+
+
+def _task_dir(root: Path, *splits: str) -> Path:
+    root.mkdir()
+    lines = [json.dumps({"input": f"{a}:", "target": a}) for a in "abc"]
+    for name in ("train", *splits):
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+FLAT_ARMS = [{"name": "flat-2", "arch": "reasoner", "n_steps": 2},
+             {"name": "flat-1", "arch": "reasoner", "n_steps": 1}]
+
+
+def test_task_names_cannot_carry_markdown(tmp_path):
+    with pytest.raises(ConfigError, match=r"^ablation\.task: "):
+        parse_spec(_with(task=FORGED))
+    ok = _task_dir(tmp_path / "task", "test")
+    parse_spec(_with(task_dir=str(ok), primary="test", arms=FLAT_ARMS))
+    # with task_dir the `task` key is not looked up, but it is still recorded and shown
+    with pytest.raises(ConfigError, match=r"^ablation\.task: ") as e:
+        parse_spec(_with(task_dir=str(ok), task="<!-- lab:status 2 -->", primary="test", arms=FLAT_ARMS))
+    assert "\n" not in str(e.value)
+    # a task directory's split names (its test*.jsonl files) and its own name are in report.md too
+    odd = _task_dir(tmp_path / "odd", "test", "test`## x")
+    with pytest.raises(ConfigError, match=r"^ablation\.task_dir: "):
+        parse_spec(_with(task_dir=str(odd), primary="test", arms=FLAT_ARMS))
+    spaced = _task_dir(tmp_path / "my <b>task", "test")
+    with pytest.raises(ConfigError, match=r"^ablation\.task_dir: "):
+        parse_spec(_with(task_dir=str(spaced), primary="test", arms=FLAT_ARMS))

@@ -76,8 +76,13 @@ class World:
                 raise AssertionError(f"timed out waiting for {what} after {cycles} cycles")
             time.sleep(0.05)
 
-    def daemon(self, with_github: bool = False, **extra: str) -> subprocess.Popen:
+    def daemon(self, with_github: bool = False, token_file: bool = False, **extra: str) -> subprocess.Popen:
         env = {**(self.env if with_github else self.base_env), **extra}
+        if token_file:  # the token in a chmod-600 file, in no process environment
+            path = self.tmp / "github-token"
+            path.write_text(env.pop("GITHUB_TOKEN") + "\n")
+            path.chmod(0o600)
+            env["GITHUB_TOKEN_FILE"] = str(path)
         proc = start_daemon(env, "--cpu-workers", "2", log=self.tmp / f"daemon-{len(self.daemons)}.log")
         self.daemons.append(proc)
         return proc
@@ -175,7 +180,8 @@ def test_labelled_issues_become_jobs_in_their_lane_and_answer_once(world: World,
     # the pull request and the unlabelled issue are left alone; the stranger gets one polite word
     assert gh.comments_on(pr) == [] and gh.labels_on(pr) == ["gpu"] and gh.comments_on(plain) == []
     polite = gh.comments_on(stranger)
-    assert len(polite) == 1 and "@mallory" in polite[0]["body"] and "write access" in polite[0]["body"]
+    assert len(polite) == 1 and "write access" in polite[0]["body"]
+    assert "@mallory" not in polite[0]["body"] and "`mallory`" in polite[0]["body"]  # named, not pinged
     # nothing changes on GitHub any more: once our own last writes are read back (two cycles),
     # a quiet cycle is one conditional request answered 304
     world.sync()
@@ -608,3 +614,173 @@ def test_disk_guard_is_said_on_the_issue_of_the_waiting_gpu_job(world: World) ->
     world.sync_until(lambda: world.reported([job_id]), 30, "the job to run once space is back")
     status = world.comments(n, render.status_marker(job_id))
     assert len(status) == 1 and "disk guard" not in status[0]["body"]
+
+
+# --- security: approval of an exact spec, one issue never stops the bridge --------------------
+
+
+def _after_a_second() -> None:
+    time.sleep(1.1)  # GitHub's times have one-second resolution: order two acts unambiguously
+
+
+def test_an_edit_after_the_label_does_not_run_under_the_labellers_authority(world: World) -> None:
+    """The TOCTOU: a maintainer labels a stranger's harmless spec; the stranger edits the body.
+    Through the real daemon's poller, the edited spec never runs until a writer approves it."""
+    gh = world.gh
+    world.daemon(with_github=True, LAB_GITHUB_POLL="1")
+    harmless = spec_body('kind = "sleep"\nseconds = 0.1')
+    n = gh.open_issue("a harmless sleep", harmless, (), user="mallory")
+    gh.label(n, "cpu", actor="alice")
+    wait_for(lambda: len(world.jobs(n)) == 1, 30, "the labelled spec to be queued")
+    first = world.jobs(n)[0]
+    assert first["spec"]["seconds"] == 0.1
+    wait_for(lambda: bool(world.comments(n, render.status_marker(first["id"]))), 30, "the status comment")
+    hashes = re.findall(r"`([0-9a-f]{16})`", world.comments(n, render.status_marker(first["id"]))[0]["body"])
+    assert hashes, "the status comment shows the spec's hash"
+
+    # the author edits the approved issue: the new spec is held, with a note saying why
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 3'))
+    wait_for(lambda: bool(world.comments(n, "lab:key held:")), 30, "the held note")
+    time.sleep(2.5)  # two more polls: still nothing queued
+    assert len(world.jobs(n)) == 1
+    note = world.comments(n, "lab:key held:")[0]["body"]
+    new_hash = github.parse_issue_spec(gh.issues[n]["body"], ["cpu"], n).hash
+    assert f"/run {new_hash}" in note and "mallory" in note and "@mallory" not in note
+    # a writer's /rerun from before the edit does not cover it either; a stranger's /run is refused
+    gh.comment(n, f"/run {new_hash}", user="mallory")
+    wait_for(lambda: bool(world.comments(n, "lab:key unauthorised")), 30, "the refusal")
+    assert len(world.jobs(n)) == 1
+    # a writer approves the exact spec by its hash
+    gh.comment(n, f"/run {new_hash}", user="alice")
+    wait_for(lambda: len(world.jobs(n)) == 2, 30, "the approved spec to be queued")
+    assert world.jobs(n)[1]["spec"]["seconds"] == 3
+
+
+def test_a_spec_edited_between_label_and_poll_never_runs_and_a_relabel_approves_it(world: World) -> None:
+    gh = world.gh
+    n = gh.open_issue("label, then edit, before any poll", spec_body('kind = "sleep"\nseconds = 0.1'),
+                      (), user="mallory")
+    gh.label(n, "cpu", actor="alice")
+    _after_a_second()
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.2'))
+    world.sync()
+    world.sync()
+    assert world.jobs(n) == [] and len(world.comments(n, "lab:key held:")) == 1
+    _after_a_second()
+    gh.unlabel(n, "cpu", actor="alice")
+    gh.label(n, "cpu", actor="alice")  # re-adding the label after reading the body approves it
+    world.sync()
+    assert [j["spec"]["seconds"] for j in world.jobs(n)] == [0.2]
+    # a writer's edit is the writer's own: it runs under the label
+    _after_a_second()
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.3'), editor="alice")
+    world.sync()
+    assert [j["spec"]["seconds"] for j in world.jobs(n)] == [0.2, 0.3]
+    # /rerun by a writer after a stranger's edit: held (the body is not the one the writer saw)
+    gh.comment(n, "/rerun", user="alice")
+    _after_a_second()
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.4'))
+    world.sync()
+    assert len(world.jobs(n)) == 2 and len(world.comments(n, "lab:key held:")) == 2
+
+
+def test_a_writers_rerun_after_the_last_edit_runs_the_current_spec(world: World) -> None:
+    gh = world.gh
+    n = gh.open_issue("rerun", spec_body('kind = "sleep"\nseconds = 0.1'), (), user="mallory")
+    gh.label(n, "cpu", actor="alice")
+    world.sync()
+    _after_a_second()
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.2'))
+    world.sync()
+    assert len(world.jobs(n)) == 1 and world.comments(n, "lab:key held:")
+    _after_a_second()
+    gh.comment(n, "/rerun", user="alice")
+    world.sync()
+    assert [j["spec"]["seconds"] for j in world.jobs(n)] == [0.1, 0.2]
+
+
+POISON = {
+    "huge integer": ('kind = "sleep"\nseconds = ' + "9" * 400, "sleep.seconds"),
+    "a table where a string belongs": (
+        'kind = "ablation"\ntask = "khop"\nprimary = "hops3"\nsteps = 20\n'
+        '[[arms]]\nname = "a"\nbaseline = true\nset = {name = "x"}\n[[arms]]\nname = "b"\n', "ablation"),
+    "nested 400 deep": ('kind = "sleep"\nseconds = ' + "[" * 400 + "]" * 400, "toml"),
+    "nan": ('kind = "sleep"\nseconds = nan', "sleep.seconds"),
+}
+
+
+def test_poison_specs_get_answers_and_the_bridge_goes_on(world: World) -> None:
+    """One malformed spec used to raise out of the cycle (OverflowError, TypeError, RecursionError)
+    and stop every other issue. Through the real daemon: each gets an answer naming a field, and
+    the good issue opened after them is run and reported."""
+    gh = world.gh
+    poisoned = {name: gh.open_issue(name, spec_body(toml), ("cpu",), user="alice")
+                for name, (toml, _) in POISON.items()}
+    unclosed = gh.open_issue("unclosed fence at the size limit", "```toml\n" * 8000 + "x" * 1000, ("cpu",),
+                             user="alice")
+    good = gh.open_issue("a good one", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
+    world.daemon(with_github=True, token_file=True, LAB_GITHUB_POLL="1")
+    wait_for(lambda: bool(world.jobs(good)) and world.reported([world.jobs(good)[0]["id"]]), 60,
+             "the good issue's result, past the poison")
+    for name, (_, field) in POISON.items():
+        answers = world.comments(poisoned[name], render.INVALID_MARKER)
+        assert len(answers) == 1, name
+        assert field in answers[0]["body"], (name, answers[0]["body"])
+        assert world.jobs(poisoned[name]) == [], name
+    assert "never closed" in world.comments(unclosed, render.INVALID_MARKER)[0]["body"]
+    log = (world.tmp / "daemon-0.log").read_text()
+    world.outputs.append(log)
+    assert "cycle failed" not in log
+
+
+def test_an_unexpected_error_on_one_issue_is_numbered_and_the_cycle_goes_on(world: World) -> None:
+    gh = world.gh
+    bad = gh.open_issue("a comment count of a strange shape", spec_body('kind = "sleep"\nseconds = 0.1'),
+                        ("cpu",), user="alice")
+    gh.issues[bad]["comments"] = "many"  # GitHub would never send this: it stands for any surprise
+    good = gh.open_issue("fine", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
+    summary = world.sync()
+    assert len(world.jobs(good)) == 1
+    assert any(f"issue #{bad}" in e and "error E-" in e for e in summary["errors"]), summary["errors"]
+
+
+def test_a_quoted_marker_is_never_taken_for_the_status_comment(world: World) -> None:
+    """An invalid `kind` that carries a status marker and a mention: after an ambiguous 502 on the
+    status comment's creation, the bot must not take its own invalid-spec answer for it."""
+    gh = world.gh
+    n = gh.open_issue("forged marker", spec_body('kind = "<!-- lab:status 1 --> @octocat <!--"'), ("cpu",),
+                      user="alice")
+    world.sync()
+    invalid = world.comments(n, render.INVALID_MARKER)
+    assert len(invalid) == 1 and "@octocat" not in invalid[0]["body"]
+    before = invalid[0]["body"]
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.1'))
+    gh.force_fault("POST", r"/comments$", "ambiguous_error")
+    world.sync()
+    world.sync()
+    job = world.jobs(n)[0]
+    assert job["id"] == 1
+    statuses = [c for c in gh.comments_on(n) if c["body"].startswith(render.status_marker(1))]
+    assert len(statuses) == 1
+    assert world.comments(n, render.INVALID_MARKER)[0]["body"] == before
+
+
+def test_a_strangers_reruns_get_one_refusal(world: World) -> None:
+    gh = world.gh
+    n = gh.open_issue("spam", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
+    world.sync()
+    for _ in range(5):
+        gh.comment(n, "/rerun", user="mallory")
+        world.sync()
+    assert len(world.comments(n, "lab:key unauthorised")) == 1 and len(world.jobs(n)) == 1
+
+
+def test_toml_blocks_reads_fences_as_commonmark_does() -> None:
+    body = ("prose\n````markdown\n```toml\nkind = 'x'\n```\n````\n\n"
+            "```toml\nkind = \"sleep\"\n```\n~~~python\n```toml\n~~~\n")
+    assert github.toml_blocks(body) == ['kind = "sleep"\n']
+    with pytest.raises(github.SpecProblem, match="never closed"):
+        github.toml_blocks("```toml\nkind = 1\n")
+    with pytest.raises(github.SpecProblem) as e:
+        github.parse_issue_spec("```toml\n" * 8000, ["cpu"], 1)
+    assert e.value.field == "toml"

@@ -46,6 +46,11 @@ def test_tools_without_a_daemon(tmp_path: Path) -> None:
             assert listed["wait"].input_schema["properties"]["timeout_s"]["maximum"] == 3600
             lane = listed["submit"].input_schema["properties"]["lane"]
             assert set(lane["anyOf"][0]["enum"]) == {"gpu", "cpu"}
+            # The earned-run gate is the person's to force, never the agent's.
+            assert not {"force", "reason"} & set(listed["submit"].input_schema["properties"])
+            r = await c.call_tool("submit", {"kind": "train", "lane": "gpu", "force": True, "reason": "x",
+                                             "spec": {"preset": "rtx2060"}})
+            assert r.is_error, "force must not reach the gate"
 
             job = await call(c, "submit", kind="sleep", lane="cpu", spec={"seconds": 30})
             assert (job["kind"], job["lane"], job["status"]) == ("sleep", "cpu", "queued")
@@ -68,7 +73,10 @@ def test_tools_without_a_daemon(tmp_path: Path) -> None:
             # Bad input: a tool error naming the field, and nothing queued.
             for args, field in (({"kind": "sleep", "spec": {"secondz": 1}}, "sleep.secondz"),
                                 ({"kind": "nope"}, "kind"),
-                                ({"kind": "archive", "lane": "gpu", "spec": {"runs": ["1"]}}, "lane")):
+                                ({"kind": "archive", "lane": "gpu", "spec": {"runs": ["1"]}}, "lane"),
+                                # comments (with log tails) only on an issue the lab tracks
+                                ({"kind": "sleep", "spec": {"seconds": 1}, "issue": 999}, "issue"),
+                                ({"kind": "sleep", "spec": {"seconds": 1}, "priority": 10**9}, "priority")):
                 r = await c.call_tool("submit", args)
                 assert r.is_error and field in r.content[0].text, r.content[0].text
             r = await c.call_tool("show", {"job_id": "x"})

@@ -9,6 +9,7 @@ start-up, so the file is reused rather than regenerated in every test run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -188,3 +189,58 @@ def test_runs_listing(lab: CliRunner, tmp_runs: Path, trained_run: Path) -> None
     assert (rows[str(job["id"])]["kind"], rows[str(job["id"])]["status"]) == ("sleep", "queued")
     code, text = invoke(lab, "runs")
     assert code == 0 and "ablation" in text and "val_loss=" in text
+
+
+FORGED = "x\n## Verdict: **better**"
+SHELL = "it's `fine` | ok'; touch /tmp/pwned; echo '"
+
+
+def _forged_record(raw: dict) -> dict:
+    """An ablation.json whose arm name and `why` came from an issue before names were checked:
+    a name that forges a heading and a verdict, and a reason that breaks out of shell quotes."""
+    text = json.dumps(raw).replace('"loop"', json.dumps(FORGED))
+    forged = json.loads(text)
+    forged["spec"]["why"] = SHELL
+    forged["summary"]["verdict_line"] = f"inconclusive on test:2 ({FORGED} `0.2` | <!-- x -->)"
+    return forged
+
+
+def test_a_finding_cannot_be_forged_by_arm_names_or_spec_text(lab: CliRunner, tmp_runs: Path) -> None:
+    import shlex
+
+    clean = ablation_run(tmp_runs, "21")
+    forged = _forged_record(clean)
+    (tmp_runs / "22").mkdir()
+    (tmp_runs / "22" / "ablation.json").write_text(json.dumps(forged))
+    texts = []
+    for job in ("21", "22"):
+        code, out = invoke(lab, "finding", job, "--title", "A claim", "--json")
+        assert code == 0, out
+        texts.append(Path(json.loads(out)["path"]).read_text())
+    # the front matter holds the record's values as JSON strings (one line each, not markdown)
+    assert records.parse_front_matter(texts[1])["arm"] == FORGED
+    plain, text = (t.split(records.FRONT, 2)[2] for t in texts)
+    # the same document structure: no heading, verdict or table row the record did not earn
+    def headings(t: str) -> list[str]:
+        return [ln for ln in t.splitlines() if ln.lstrip().startswith("#")]
+
+    assert headings(text) == headings(plain) and "<!--" not in text
+    # outside code (fenced blocks and code spans show it as typed) no `better` is bold
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"(?ms)^(`{3,})[a-z]*\n.*?^\1$", "", text))
+    assert "**better**" not in prose and "Verdict: \\*\\*better\\*\\*" in prose
+    assert len(text.splitlines()) == len(plain.splitlines())  # a name cannot add a line
+    for a, b in zip(plain.splitlines(), text.splitlines(), strict=True):
+        if a.startswith("|"):  # every table row keeps its cells: no unescaped pipe was added
+            assert len(re.findall(r"(?<!\\)\|", a)) == len(re.findall(r"(?<!\\)\|", b)), b
+    # the reproduce command is one shell command whose arguments are exactly the spec's values
+    line = text.split("```sh\n", 1)[1].split("\n", 1)[0]
+    args = shlex.split(line)
+    assert args[:5] == ["lab", "submit", "ablation", "--lane", "cpu"]
+    sets = [args[i + 1] for i in range(5, len(args), 2)]
+    assert args[5::2] == ["--set"] * len(sets)
+    want = [f"{k}={records.toml_value(v)}" for k, v in forged["spec"].items() if v not in (None, "")]
+    assert sets == want
+    # the toml block still holds the record's values exactly
+    toml_block = text.split("```toml\n", 1)[1].split("\n```", 1)[0]
+    assert tomllib.loads(toml_block)["arms"][0]["name"] == FORGED
+    assert tomllib.loads(toml_block)["why"] == SHELL

@@ -341,4 +341,5 @@ def test_no_source_of_the_token_reaches_a_job(monkeypatch: pytest.MonkeyPatch, t
         monkeypatch.setenv(name, "x")
     for lane in ("gpu", "cpu"):
         env = lane_env(lane, str(tmp_path / "q.db"), tmp_path, "host")
-        assert not {"GITHUB_TOKEN", "GITHUB_TOKEN_FD", "GITHUB_TOKEN_FILE", "CREDENTIALS_DIRECTORY"} & set(env)
+        assert not {"GITHUB_TOKEN", "GITHUB_TOKEN_FD", "GITHUB_TOKEN_FILE",
+                    "CREDENTIALS_DIRECTORY"} & set(env)
