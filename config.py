@@ -18,6 +18,7 @@ import os
 import reprlib
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -643,14 +644,15 @@ class QueueConfig(Validated):
 QUEUE = QueueConfig()
 
 
-def queue_config() -> QueueConfig:
-    """QUEUE with per-field overrides from the environment, `LAB_QUEUE_<FIELD>` (e.g.
-    LAB_QUEUE_LEASE_SECONDS=2 for fast tests, LAB_QUEUE_DISK_MIN_FREE_GB=50 on a small disk);
-    read on every call, validated like any field."""
+def queue_config(env: Mapping[str, str] | None = None) -> QueueConfig:
+    """QUEUE with per-field overrides from the environment (`env`, default os.environ),
+    `LAB_QUEUE_<FIELD>` (e.g. LAB_QUEUE_LEASE_SECONDS=2 for fast tests,
+    LAB_QUEUE_DISK_MIN_FREE_GB=50 on a small disk); read on every call, validated like any field."""
+    env = os.environ if env is None else env
     overrides: dict[str, Any] = {}
     for f in dataclasses.fields(QueueConfig):
         var = f"LAB_QUEUE_{f.name.upper()}"
-        text = os.environ.get(var)
+        text = env.get(var)
         if text is not None:
             overrides[f.name] = parse_value(text, where=var)  # nan, inf, 10**400 refused here
     try:

@@ -26,6 +26,7 @@ device_problems, token_file_problems) are separate, for the CLI to call at insta
 from __future__ import annotations
 
 import grp
+import math
 import os
 import stat
 import subprocess
@@ -60,6 +61,20 @@ def _assign(key: str, value: str) -> str:
     return f'"{item}"' if any(ch.isspace() for ch in item) else item
 
 
+def _queue_overrides(env_file: Path) -> dict[str, str]:
+    """The LAB_QUEUE_* lines of a systemd environment file (KEY=value, optional quotes)."""
+    try:
+        lines = env_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key.startswith("LAB_QUEUE_"):
+            out[key] = value.strip().strip('"').strip("'")
+    return out
+
+
 def unit_text(workdir: str | Path | None = None, lab_bin: str | Path | None = None,
               env_file: str | Path | None = None, user: str | None = None,
               cpu_workers: int | None = None, *, group: str | None = None,
@@ -87,8 +102,11 @@ def unit_text(workdir: str | Path | None = None, lab_bin: str | Path | None = No
         raise ValueError("group and gpu_group need a user: a user unit runs with that user's groups")
     token = Path(token_file).expanduser().resolve() if token_file is not None else None
     r = config.SYSTEMD
-    stop = max(r.stop_seconds,
-               int(config.QUEUE.shutdown_seconds + config.QUEUE.kill_grace_seconds) + 10)
+    # The daemon's drain (shutdown, then the kill grace) as it will run: the overrides in this
+    # environment and in the unit's environment file, not the defaults; systemd's SIGKILL must
+    # come after it.
+    q = config.queue_config({**os.environ, **_queue_overrides(env_file)})
+    stop = max(r.stop_seconds, math.ceil(q.shutdown_seconds + q.kill_grace_seconds) + 10)
     exec_start = f"{lab} daemon" + (f" --cpu-workers {cpu_workers}" if cpu_workers else "")
     env = [_assign("PYTHONUNBUFFERED", "1")]
     token_lines: list[str] = []

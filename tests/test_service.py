@@ -215,3 +215,22 @@ def test_install_unit_writes_a_readable_unit_and_refuses_a_token(tmp_path: Path)
                      system=True, path=target, reload=False)
     assert target.read_text() == text
     assert unit_path(True) == Path("/etc/systemd/system/lab.service")
+
+
+def test_timeout_stop_follows_the_shutdown_overrides_in_effect(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised LAB_QUEUE_SHUTDOWN_SECONDS (here or in the unit's environment file): systemd must
+    still wait for the daemon's drain before its SIGKILL."""
+    from daemon.systemd import unit_text
+
+    def stop_of(unit: str) -> int:
+        return int(parse(unit)["Service"]["TimeoutStopSec"])
+
+    default = stop_of(unit_text(workdir=tmp_path, env_file=tmp_path / "none.env"))
+    monkeypatch.setenv("LAB_QUEUE_SHUTDOWN_SECONDS", "400")
+    assert stop_of(unit_text(workdir=tmp_path, env_file=tmp_path / "none.env")) > 400 + \
+        config.QUEUE.kill_grace_seconds > default
+    monkeypatch.delenv("LAB_QUEUE_SHUTDOWN_SECONDS")
+    env_file = tmp_path / "lab.env"
+    env_file.write_text('GITHUB_REPOSITORY=o/r\nLAB_QUEUE_SHUTDOWN_SECONDS="500"\n')
+    assert stop_of(unit_text(workdir=tmp_path, env_file=env_file)) > 500 + config.QUEUE.kill_grace_seconds
