@@ -13,10 +13,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,34 +195,48 @@ class User:
 
     popen: dict[str, Any]
     python: str
+    cwd: str  # where its `import common` finds the module
 
 
 @pytest.fixture(scope="module")
-def as_user() -> User:
+def modules_for_nobody() -> Iterator[str]:
+    """common.py and config.py (standard library only) where uid 65534 can read them: a fresh
+    clone often sits in a 0700 directory (mktemp -d), which nobody cannot enter."""
+    d = Path(tempfile.mkdtemp(prefix="lab-nobody-"))  # directly under /tmp, which anyone may pass
+    for name in ("common.py", "config.py"):
+        shutil.copy2(ROOT / name, d / name)
+    d.chmod(0o755)
+    yield str(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def as_user(modules_for_nobody: str) -> User:
     if not sys.platform.startswith("linux"):
         pytest.skip("prctl(PR_SET_DUMPABLE) and /proc are Linux")
     if os.geteuid() != 0:
-        return User({}, sys.executable)  # already unprivileged: this user plays both parts
+        return User({}, sys.executable, str(ROOT))  # already unprivileged: plays both parts
     kw: dict[str, Any] = {"user": 65534, "group": 65534, "extra_groups": []}
     # The venv's interpreter may sit where nobody can reach it (a pyenv under /root, mode 0700);
     # these processes need only the standard library and this checkout, so any python 3.11+ does.
     problems = []
     for python in dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]):
         try:
-            probe = subprocess.run([python, "-c", "import os, common; print(os.getuid())"], cwd=ROOT,
+            probe = subprocess.run([python, "-c", "import os, common; print(os.getuid())"],
+                                   cwd=modules_for_nobody,
                                    capture_output=True, text=True, timeout=60, **kw)
         except (OSError, subprocess.SubprocessError) as e:
             problems.append(f"{python}: {e}")
             continue
         if probe.returncode == 0 and probe.stdout.strip() == "65534":
-            return User(kw, python)
+            return User(kw, python, modules_for_nobody)
         problems.append(f"{python}: {probe.stderr.strip()[-200:]}")
     pytest.skip("running as root (which reads every /proc file) and cannot run a python that "
                 f"imports this checkout as uid 65534 (nobody): {'; '.join(problems)}")
 
 
 def _read(pid: int, user: User, *files: str) -> dict[str, list[Any]]:
-    r = subprocess.run([user.python, "-c", READER, str(pid), *files], cwd=ROOT, capture_output=True,
+    r = subprocess.run([user.python, "-c", READER, str(pid), *files], cwd=user.cwd, capture_output=True,
                        text=True, timeout=60, **user.popen)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -229,7 +245,7 @@ def _read(pid: int, user: User, *files: str) -> dict[str, list[Any]]:
 def _run_daemon(harden: bool, user: User) -> tuple[subprocess.Popen, list[str]]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GITHUB_TOKEN": TOKEN,
            "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen([user.python, "-c", DAEMON, "1" if harden else "0"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([user.python, "-c", DAEMON, "1" if harden else "0"], cwd=user.cwd, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **user.popen)
     assert proc.stdout is not None
@@ -301,7 +317,8 @@ def test_a_token_on_stdin_from_a_root_only_file_reaches_the_daemon_and_nothing_e
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GITHUB_TOKEN_FD": "0",
                "PYTHONDONTWRITEBYTECODE": "1"}
         with open(path, "rb") as stdin:
-            proc = subprocess.Popen([as_user.python, "-c", STDIN_DAEMON], cwd=ROOT, env=env, stdin=stdin,
+            proc = subprocess.Popen([as_user.python, "-c", STDIN_DAEMON], cwd=as_user.cwd, env=env,
+                                    stdin=stdin,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     **as_user.popen)
         try:
