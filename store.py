@@ -177,6 +177,16 @@ class StateError(ValueError):
     """The job is not in a state that allows this (cancel a finished job, retry a running one)."""
 
 
+# The widest integer a job id column holds (SQLite and Postgres BIGINT: signed 64 bits). A larger
+# id (`lab show 99999999999999999999`) names no job; handed to the driver it raises OverflowError.
+MAX_ID = 2**63 - 1
+
+
+def storable_id(job_id: int) -> bool:
+    """Whether `job_id` could be a row's id at all (an int, not bool, within 64 bits)."""
+    return isinstance(job_id, int) and not isinstance(job_id, bool) and -MAX_ID - 1 <= job_id <= MAX_ID
+
+
 class Store:
     def __init__(self, db: str, create: bool = True):
         self.url = db_url(db)
@@ -245,6 +255,8 @@ class Store:
         return int(job_id)
 
     def get(self, job_id: int) -> dict[str, Any] | None:
+        if not storable_id(job_id):
+            return None  # no row can have it
         with self.reading() as c:
             row = c.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return dict(row) if row else None
@@ -260,6 +272,8 @@ class Store:
         if kind is not None:
             q = q.where(jobs.c.kind == kind)
         if issue is not None:
+            if not storable_id(issue):
+                return []  # no row holds it (and the driver would raise OverflowError)
             q = q.where(jobs.c.issue == issue)
         q = q.order_by(jobs.c.id.desc() if newest_first else jobs.c.id)
         if limit is not None:
@@ -268,6 +282,8 @@ class Store:
             return [dict(r) for r in c.execute(q).mappings()]
 
     def events(self, job_id: int) -> list[dict[str, Any]]:
+        if not storable_id(job_id):
+            return []
         with self.reading() as c:
             rows = c.execute(select(events).where(events.c.job_id == job_id).order_by(events.c.id))
             return [dict(r) for r in rows.mappings()]
@@ -441,6 +457,8 @@ class Store:
         """queued/blocked -> cancelled at once; running -> cancel_requested (its supervisor kills
         the process group). Returns the status after the call."""
         t = now()
+        if not storable_id(job_id):
+            raise StateError(f"job {job_id}: no such job")
         with self.transaction() as c:
             row = c.execute(select(jobs.c.status).where(jobs.c.id == job_id)).first()
             if row is None:
@@ -459,24 +477,35 @@ class Store:
             raise StateError(f"job {job_id}: already {status}, nothing to cancel")
 
     def retry(self, job_id: int) -> str:
-        """failed/cancelled -> queued (or blocked behind its dependency), attempts from zero."""
+        """failed/cancelled -> queued, or blocked behind its dependency or its hold; attempts
+        from zero. A hold survives cancel and retry: `cancel` leaves `held` on the row, and the
+        job comes back blocked with it, so a job held by the GitHub `blocked` label does not run
+        while the label is still on (the bridge unholds it once the label is gone)."""
         t = now()
+        if not storable_id(job_id):
+            raise StateError(f"job {job_id}: no such job")
         with self.transaction() as c:
-            row = c.execute(select(jobs.c.status, jobs.c.after_id).where(jobs.c.id == job_id)).first()
+            row = c.execute(select(jobs.c.status, jobs.c.after_id, jobs.c.held)
+                            .where(jobs.c.id == job_id)).first()
             if row is None:
                 raise StateError(f"job {job_id}: no such job")
-            if row[0] not in ("failed", "cancelled"):
-                raise StateError(f"job {job_id}: is {row[0]}; only failed or cancelled jobs can be retried")
-            new = "blocked" if row[1] is not None else "queued"
-            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == row[0]).values(
+            status, after_id, held = row
+            if status not in ("failed", "cancelled"):
+                raise StateError(f"job {job_id}: is {status}; only failed or cancelled jobs can be retried")
+            # resolve_blocked leaves a held job alone, and queues an unheld one whose dependency
+            # succeeded (or which has none) on its next pass.
+            new = "blocked" if held or after_id is not None else "queued"
+            c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == status).values(
                 status=new, attempts=0, exit_code=None, error=None, result=None, progress=None,
                 started_at=None, finished_at=None, claimed_at=None, lease_owner=None, pid=None,
                 lease_expires_at=None, cancel_requested=False, cancel_reason=None, updated_at=t))
-            self._event(c, job_id, "retried", f"{row[0]} -> {new}")
+            self._event(c, job_id, "retried", f"{status} -> {new}" + (f" (held: {held})" if held else ""))
             return new
 
     def hold(self, job_id: int, reason: str) -> bool:
         """queued -> blocked with a reason (e.g. the issue got the `blocked` label)."""
+        if not storable_id(job_id):
+            return False
         with self.transaction() as c:
             n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(("queued", "blocked")))
                           .values(status="blocked", held=reason, updated_at=now())).rowcount
@@ -485,6 +514,8 @@ class Store:
         return bool(n)
 
     def unhold(self, job_id: int) -> bool:
+        if not storable_id(job_id):
+            return False
         with self.transaction() as c:
             n = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.held.is_not(None))
                           .values(held=None, updated_at=now())).rowcount
@@ -539,6 +570,40 @@ class Store:
         for lane, status, n in rows:
             out.setdefault(lane, {})[status] = n
         return out
+
+    def requeue_or_fail(self, job_id: int, attempt: int, reason: str, *,
+                        exit_code: int | None = None) -> str | None:
+        """running -> queued counting the attempt (the next claim is attempt + 1), or -> failed
+        once attempts reached max_attempts: the rule sweep_expired applies to an expired lease,
+        here for an end the supervisor saw (a signal the lab did not send, a job that stopped
+        itself, a log it cannot write). A job asked to cancel becomes cancelled. The error and
+        the event say what happened and what comes next. Returns the new status; None if this
+        attempt is no longer the job's."""
+        t = now()
+        with self.transaction() as c:
+            row = c.execute(select(jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.cancel_reason)
+                            .where(self._mine(job_id, attempt))).first()
+            if row is None:
+                return None
+            max_attempts, cancel_requested, cancel_reason = row
+            values: dict[str, Any]
+            if cancel_requested:
+                status, why = "cancelled", f"{reason}; cancelled: {cancel_reason or 'by request'}"
+                values = dict(finished_at=t)
+            elif attempt >= max_attempts:
+                status = "failed"
+                why = f"{reason}; failed after {attempt} attempt{'' if attempt == 1 else 's'}"
+                values = dict(finished_at=t)
+            else:
+                status, why = "queued", f"{reason}; requeued (attempt {attempt + 1} of {max_attempts})"
+                values = dict(lease_owner=None, pid=None, started_at=None)
+            n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
+                status=status, exit_code=exit_code, error=why, updated_at=t, lease_expires_at=None,
+                **values)).rowcount
+            if not n:
+                return None
+            self._event(c, job_id, "requeued" if status == "queued" else status, why)
+        return status
 
 
 _TIMES = ("created_at", "updated_at", "claimed_at", "started_at", "finished_at", "heartbeat_at",

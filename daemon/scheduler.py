@@ -82,7 +82,7 @@ def disk_status(runs: Path, q: config.QueueConfig) -> dict[str, Any]:
     ok = free_gb >= q.disk_min_free_gb
     reason = None if ok else (
         f"disk guard: {free_gb:.2f} GB free under {runs} < {q.disk_min_free_gb:g} GB "
-        "(QUEUE.disk_min_free_gb, LAB_QUEUE_DISK_MIN_FREE_GB); no new GPU job starts")
+        "(QUEUE.disk_min_free_gb, LAB_QUEUE_DISK_MIN_FREE_GB); no new job starts on the GPU or the CPU lane")
     return {"path": str(runs), "free_gb": round(free_gb, 2), "min_free_gb": q.disk_min_free_gb,
             "ok": ok, "reason": reason}
 
@@ -178,10 +178,12 @@ class Daemon:
             if self.stopping.is_set():
                 return
             self.store.resolve_blocked()
+            # Both lanes hold on a full disk: a CPU job cannot write its log or its results
+            # either, and would fail in a blink, one after another, through the whole queue.
+            if self._check_disk():
+                return
             for lane in self.lanes:
                 while self._room(lane) > 0:
-                    if lane == "gpu" and self._check_disk():
-                        break
                     job = self.store.claim_next(lane, self.id, self.host, self.runs, self.q.lease_seconds)
                     if job is None:
                         break
@@ -195,11 +197,11 @@ class Daemon:
         return (1 if lane == "gpu" else self.cpu_workers) - busy
 
     def _check_disk(self) -> bool:
-        """True when the disk guard holds the GPU lane."""
+        """True when the disk guard holds the lanes (both: see tick)."""
         was = self.paused
         self.paused = disk_status(self.runs, self.q)["reason"]
         if self.paused != was:
-            log.warning("%s", self.paused or "disk guard lifted: GPU lane takes jobs again")
+            log.warning("%s", self.paused or "disk guard lifted: the lanes take jobs again")
             self.store.daemon_heartbeat(self.id, self.paused)
         return self.paused is not None
 

@@ -213,7 +213,8 @@ def test_host_death_requeues_its_job_to_the_other_host(cluster: Cluster) -> None
     assert hosts["hostA"]["alive"] is False and hosts["hostA"]["running"] == []
     assert hosts["hostB"]["alive"] is True and hosts["hostB"]["lanes"] == ["gpu"]
     shown = json.loads(lab(cluster.env["hostA"], "show", str(victim), "--json").stdout)
-    assert shown["run_files"] == {"host": "hostB", "path": done["run_dir"], "here": False}
+    assert shown["run_files"] == {"host": "hostB", "path": done["run_dir"], "here": False,
+                                  "tier": None}  # the tier is known only where the files are
     assert shown["run_dir"].startswith(cluster.env["hostB"]["LAB_RUNS"])
     assert f"run files: on host hostB at {done['run_dir']}" in lab(cluster.env["hostA"], "show",
                                                                    str(victim)).stdout

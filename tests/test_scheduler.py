@@ -163,15 +163,16 @@ def test_expired_lease_of_a_dead_owner_is_swept_and_rerun(env, daemons) -> None:
     stop_daemon(daemons[0])
 
 
-def test_disk_guard_holds_the_gpu_lane_and_status_says_why(env, daemons, tmp_path) -> None:
+def test_disk_guard_holds_both_lanes_and_status_says_why(env, daemons, tmp_path) -> None:
     e = dict(env, LAB_QUEUE_DISK_MIN_FREE_GB="99999")
     store = Store(env["LAB_DB"])
     gpu = sleep_job("gpu", 0.1)
     cpu = sleep_job("cpu", 0.1)
     daemons.append(start_daemon(e))
-    wait_jobs(store, [cpu], 30)
+    wait_for(lambda: any(d["paused"] for d in store.daemons(alive_within=5)), 30, "the daemon to pause")
     time.sleep(1.0)
     assert store.get(gpu)["status"] == "queued"
+    assert store.get(cpu)["status"] == "queued", "a full disk holds the CPU lane too"
     out = lab(e, "status", "--json")
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)

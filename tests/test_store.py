@@ -146,6 +146,46 @@ def test_hold_keeps_a_job_blocked(store: Store) -> None:
     assert store.resolve_blocked() == [(job_id, "queued")]
 
 
+def test_a_retried_held_job_stays_held(store: Store, tmp_path: Path) -> None:
+    """A job held by the GitHub `blocked` label, cancelled, then retried comes back blocked with
+    its hold (not queued: it would run while the label is still on), and no claim takes it
+    until the hold is released."""
+    job_id = add(store)
+    assert store.hold(job_id, "issue #3 has the `blocked` label")
+    assert store.cancel(job_id) == "cancelled"
+    assert store.retry(job_id) == "blocked"
+    job = store.get(job_id)
+    assert (job["status"], job["held"]) == ("blocked", "issue #3 has the `blocked` label")
+    assert store.resolve_blocked() == []
+    assert store.claim_next("cpu", "d", "h", tmp_path, 30) is None
+    assert "held" in store.events(job_id)[-1]["message"]
+    assert store.unhold(job_id)
+    assert store.resolve_blocked() == [(job_id, "queued")]
+    assert store.claim_next("cpu", "d", "h", tmp_path, 30)["id"] == job_id
+    # Held behind a dependency as well: still blocked after the dependency succeeds.
+    first = add(store)
+    later = add(store, after=first)
+    assert store.hold(later, "held") and store.cancel(later) == "cancelled"
+    assert store.retry(later) == "blocked"
+    claimed = store.claim_next("cpu", "d", "h", tmp_path, 30)
+    assert claimed["id"] == first and store.finish(first, claimed["attempts"], "succeeded", exit_code=0)
+    assert store.resolve_blocked() == []
+    assert store.get(later)["status"] == "blocked"
+
+
+def test_ids_beyond_64_bits_name_no_job(store: Store) -> None:
+    """An id no column can hold (`lab show 99999999999999999999`) is no such job, not an
+    OverflowError from the driver."""
+    for big in (2**63, -(2**63) - 1, 10**30):
+        assert store.get(big) is None
+        assert store.events(big) == [] and store.list_jobs(issue=big) == []
+        assert store.hold(big, "x") is False and store.unhold(big) is False
+        with pytest.raises(StateError, match="no such job"):
+            store.cancel(big)
+        with pytest.raises(StateError, match="no such job"):
+            store.retry(big)
+
+
 def _claimer(db: str, runs: str, owner: str, out: str) -> None:
     s = Store(db)
     got = []

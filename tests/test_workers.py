@@ -53,7 +53,8 @@ def test_success_records_result_progress_and_log(queue) -> None:
 @pytest.mark.parametrize("spec, error, exit_code", [
     ({"fail": True}, "RuntimeError: failed on purpose after 0.2 s", 1),
     ({"exit_code": 3}, "exited with code 3", 3),
-    ({"signal": "SIGKILL"}, "killed by signal SIGKILL", -9),
+    # a signal the lab did not send is retried up to max_attempts (here 1), then failed
+    ({"signal": "SIGKILL"}, "killed by signal SIGKILL; failed after 1 attempt", -9),
 ])
 def test_failures_are_recorded_with_the_reason(queue, spec, error, exit_code) -> None:
     store, env = queue

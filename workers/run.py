@@ -14,6 +14,9 @@ stderr going to `runs/<job_id>/log.txt`. In order it:
    (succeeded) or the exception (failed, exit 1) for its own attempt only.
 A death by signal or an exit without a result is recorded by the supervisor, or, when nobody
 supervises, by the lease sweep. This module imports no torch; a kind imports it inside `run`.
+
+Its own writes to the log are best effort (`_say`): on a full disk a print must not keep the
+outcome, or the reason, out of the store.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,37 @@ import jobs
 from jobs.paths import check_spec_paths
 from store import Store, iso
 from workers import gpu_lock
+from workers.eta import EtaEstimator
+from workers.supervise import STOPPED_FILE
 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [""])[0][:200]
+
+
+def _say(message: str) -> None:
+    """A line to the log (stdout); an OSError (ENOSPC) is dropped, so the store still gets told."""
+    try:
+        print(message, flush=True)
+    except OSError:
+        pass
+
+
+def _bounded(fn: Any, timeout: float) -> tuple[bool, Any]:
+    """fn() in a daemon thread, waited on for at most `timeout` s: (True, its value), or
+    (False, the exception or None if it still runs). A statement can hang (a lock, a dead TCP
+    connection); the caller must decide in time anyway."""
+    out: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            out.append((True, fn()))
+        except Exception as e:
+            out.append((False, e))
+    t = threading.Thread(target=call, name="lease-check", daemon=True)
+    t.start()
+    t.join(timeout)
+    return out[0] if out else (False, None)
 
 
 def record_outcome(store: Store, q: config.QueueConfig, job_id: int, attempt: int, status: str,
@@ -55,8 +86,7 @@ def record_outcome(store: Store, q: config.QueueConfig, job_id: int, attempt: in
         except Exception as e:
             if time.monotonic() + delay > deadline:
                 raise
-            print(f"lab: recording the outcome failed ({type(e).__name__}: {_first_line(e)}); retrying",
-                  flush=True)
+            _say(f"lab: recording the outcome failed ({type(e).__name__}: {_first_line(e)}); retrying")
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -65,11 +95,14 @@ class WorkerContext:
     """The JobContext of a queued job: progress and ETA go into the store, log lines to stdout
     (the run's log.txt)."""
 
-    def __init__(self, store: Store, job_id: int, attempt: int, run_dir: Path, lane: str):
+    def __init__(self, store: Store, job_id: int, attempt: int, run_dir: Path, lane: str,
+                 clock: Callable[[], float] = time.monotonic):
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self.run_dir, self.lane = run_dir, lane
-        self.started = time.monotonic()
-        self._last_write = 0.0
+        self.clock = clock  # a parameter so a test can replay a real run's timings
+        self.started = clock()
+        self._last_write = -math.inf
+        self._eta = EtaEstimator()
         self._device: str | None = None
 
     @property
@@ -84,13 +117,12 @@ class WorkerContext:
         return self._device
 
     def progress(self, step: int, total: int, **metrics: float) -> None:
-        t = time.monotonic()
+        t = self.clock()
+        eta = self._eta.update(t, step, total)  # every report counts for the rate, written or not
         # At most two writes a second: a fast training loop must not hammer the database.
         if step < total and t - self._last_write < 0.5:
             return
         self._last_write = t
-        elapsed = t - self.started
-        eta = elapsed / step * (total - step) if step > 0 else None
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in metrics.items()}
         try:
@@ -98,10 +130,10 @@ class WorkerContext:
                 "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
                 "metrics": clean, "at": iso(time.time())})
         except Exception as e:  # a database blip must not kill a long run; the lease watchdog guards
-            print(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}", flush=True)
+            _say(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}")
 
     def log(self, message: str) -> None:
-        print(message.rstrip("\n"), flush=True)
+        print(message.rstrip("\n"), flush=True)  # not _say: a kind that cannot log should know
 
 
 class LeaseKeeper(threading.Thread):
@@ -111,6 +143,7 @@ class LeaseKeeper(threading.Thread):
     def __init__(self, store: Store, job: dict[str, Any], q: config.QueueConfig):
         super().__init__(name="lease-keeper", daemon=True)
         self.store, self.job, self.q = store, job, q
+        self.run_dir = Path(job["run_dir"])
         self.parent = os.getppid()
         self.started_at: float | None = None
         self.done = threading.Event()
@@ -122,18 +155,20 @@ class LeaseKeeper(threading.Thread):
         job_id, attempt = self.job["id"], self.job["attempts"]
         threading.Thread(target=self.watchdog, name="lease-watchdog", daemon=True).start()
         while not self.done.wait(self.q.heartbeat_seconds):
+            silent = time.monotonic() - self.renewed
             try:
                 row = self.store.heartbeat(job_id, attempt, self.q.lease_seconds)
             except Exception as e:  # the database may be briefly unavailable; try again
-                print(f"lab: heartbeat failed: {type(e).__name__}: {_first_line(e)}", flush=True)
+                _say(f"lab: heartbeat failed: {type(e).__name__}: {_first_line(e)}")
                 continue
-            self.renewed = time.monotonic()
             if self.done.is_set():
                 return
             if row is None:
                 # Finished or requeued by someone else: this attempt must not go on running.
-                print(f"lab: job {job_id} attempt {attempt} is no longer ours; stopping", flush=True)
-                os.killpg(os.getpgrp(), signal.SIGKILL)
+                self.stop_self(f"its lease is no longer its own (requeued or ended by someone else; "
+                               f"{silent:.1f} s since its last renewal)", reachable=True)
+                return
+            self.renewed = time.monotonic()
             if os.getppid() == self.parent:
                 continue  # the daemon supervises: it does cancel and timeout itself
             over = self.started_at is not None and time.time() - self.started_at > row["timeout_s"]
@@ -142,25 +177,62 @@ class LeaseKeeper(threading.Thread):
                 why = (f"cancelled: {row['cancel_reason']}" if row["cancel_requested"]
                        else f"timed out after {row['timeout_s']:g} s (no daemon; stopped by itself)")
                 self.store.finish(job_id, attempt, status, exit_code=-signal.SIGKILL, error=why)
-                print(f"lab: {why}", flush=True)
+                _say(f"lab: {why}")
                 os.killpg(os.getpgrp(), signal.SIGTERM)
                 time.sleep(self.q.kill_grace_seconds)
                 os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def watchdog(self) -> None:
-        """Self-fencing: past `fence_after` without a renewal, the lease may be about to expire and
+        """Self-fencing: past `fence_after` without a renewal the lease may be about to expire and
         the job be given to another host (a partition from the database, a frozen host, a
         heartbeat stuck in a dead TCP connection); stop first, so two attempts never run at once.
         A separate thread, because a heartbeat can hang. The margin (a quarter of the lease)
-        also covers clock skew between hosts."""
-        fence_after = 0.75 * self.q.lease_seconds
-        while not self.done.wait(min(self.q.heartbeat_seconds, fence_after / 4)):
-            silent = time.monotonic() - self.renewed
-            if silent > fence_after and not self.done.is_set():
-                print(f"lab: job {self.job['id']} attempt {self.job['attempts']}: no lease renewal for "
-                      f"{silent:.1f} s (database unreachable or host frozen); stopping so it cannot "
-                      "run twice at once", flush=True)
-                os.killpg(os.getpgrp(), signal.SIGKILL)
+        also covers clock skew between hosts.
+
+        Its own renewals are not the judge, the lease in the store is: a process frozen by
+        SIGSTOP (or a stalled VM) renews nothing, yet its daemon kept the lease all along. From
+        half the lease of silence on it asks the store itself, with a renewal that succeeds only
+        while the attempt is still the job's (`Store.heartbeat`: the row is the fence, whoever's
+        clock says what). Ours: go on. Someone else's: stop now. No answer in time: stop once
+        past `fence_after`, which the short wake and bound keep under 0.9 of the lease."""
+        lease = self.q.lease_seconds
+        fence_after, ask_after = 0.75 * lease, 0.5 * lease
+        bound = 0.1 * lease
+        job_id, attempt = self.job["id"], self.job["attempts"]
+        while not self.done.wait(min(self.q.heartbeat_seconds, 0.05 * lease)):
+            if time.monotonic() - self.renewed <= ask_after:
+                continue
+            answered, value = _bounded(lambda: self.store.heartbeat(job_id, attempt, lease), bound)
+            if self.done.is_set():
+                return
+            silent = time.monotonic() - self.renewed  # the keeper may have renewed meanwhile
+            if answered and value is not None:
+                self.renewed = time.monotonic()
+            elif answered:
+                self.stop_self(f"its lease is no longer its own (requeued or ended by someone else; "
+                               f"{silent:.1f} s since its last renewal)", reachable=True)
+            elif silent > fence_after:
+                what = (f"{type(value).__name__}: {_first_line(value)}" if value is not None
+                        else f"no answer within {bound:.1f} s")
+                self.stop_self(f"no lease renewal for {silent:.1f} s and the database does not "
+                               f"answer ({what})", reachable=False)
+
+    def stop_self(self, reason: str, reachable: bool) -> None:
+        """Kill our whole process group, having said why where it can be read: the log, a file
+        in the run dir for the supervisor (the database may be the thing out of reach), and an
+        event when the database answers. The supervisor records the outcome by the one retry
+        policy (workers.supervise); a lost lease leaves the row to its new owner."""
+        job_id, attempt = self.job["id"], self.job["attempts"]
+        _say(f"lab: job {job_id} attempt {attempt}: {reason}; stopping so it cannot run twice at once")
+        try:
+            (self.run_dir / STOPPED_FILE).write_text(json.dumps({"attempt": attempt, "reason": reason}))
+        except OSError:
+            pass
+        if reachable:
+            # Bounded: the attempt runs on while it waits, beside the lease's new owner.
+            _bounded(lambda: self.store.add_event(job_id, "stopped", f"attempt {attempt} stopped itself: "
+                                                  f"{reason}"), min(1.0, 0.1 * self.q.lease_seconds))
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def standby(store: Store) -> tuple[int, int] | None:
@@ -172,7 +244,13 @@ def standby(store: Store) -> tuple[int, int] | None:
     if not line.strip():
         return None  # the daemon closed the pipe: not needed after all
     job_id, attempt, log_path = line.rstrip("\n").split(" ", 2)
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        # No log to say it in (a full disk, a run dir gone): the store says it, by the policy the
+        # supervisor applies to the same failure (workers.supervise.could_not_start).
+        store.requeue_or_fail(int(job_id), int(attempt), f"cannot write {log_path}: {e.strerror}")
+        return None
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -198,8 +276,8 @@ def main(argv: list[str]) -> int:
         job_id, attempt = int(argv[0]), int(argv[1])
     job = store.get(job_id)
     if job is None or job["status"] != "running" or job["attempts"] != attempt:
-        print(f"lab: job {job_id} attempt {attempt} is not ours to run (status "
-              f"{job and job['status']}); exiting", flush=True)
+        _say(f"lab: job {job_id} attempt {attempt} is not ours to run (status "
+             f"{job and job['status']}); exiting")
         return 0
     run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,8 +286,8 @@ def main(argv: list[str]) -> int:
     if job["lane"] == "gpu":
         def waiting() -> None:
             path = gpu_lock.lock_path()
-            print(f"lab: waiting for the GPU lock of {gpu_lock.card_name()}: "
-                  f"{gpu_lock.describe_holder(path)} holds the card", flush=True)
+            _say(f"lab: waiting for the GPU lock of {gpu_lock.card_name()}: "
+                 f"{gpu_lock.describe_holder(path)} holds the card")
             # the event is shown by `lab show` and MCP: the pid only, not another user's command line
             pid = gpu_lock.holder_pid(path)
             store.add_event(job_id, "waiting", f"{'pid ' + str(pid) if pid else 'another process'} "
@@ -218,11 +296,11 @@ def main(argv: list[str]) -> int:
         # on this machine holds the same lock. Held until this process exits.
         gpu_lock.acquire(on_wait=waiting)
     if not store.mark_started(job_id, attempt, os.getpid()):
-        print(f"lab: job {job_id} attempt {attempt} was taken away before it started", flush=True)
+        _say(f"lab: job {job_id} attempt {attempt} was taken away before it started")
         return 0
     keeper.started_at = time.time()
-    print(f"lab: job {job_id} ({job['kind']}, lane {job['lane']}) attempt {attempt} started, "
-          f"pid {os.getpid()}", flush=True)
+    _say(f"lab: job {job_id} ({job['kind']}, lane {job['lane']}) attempt {attempt} started, "
+         f"pid {os.getpid()}")
     ctx = WorkerContext(store, job_id, attempt, run_dir, job["lane"])
     try:
         kind = jobs.get_kind(job["kind"])
@@ -232,15 +310,26 @@ def main(argv: list[str]) -> int:
         spec = jobs.parse_spec(job["kind"], job["spec"])
         result = kind.run(spec, ctx)
         result = json.loads(json.dumps(result, default=str))  # JSON-able, or fail here, loudly
+    except SystemExit as e:
+        # sys.exit(n) in a kind is the job's own exit code: recorded here, so it fails at once
+        # whether or not a daemon watches (a lease sweep would requeue it).
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        keeper.done.set()
+        record_outcome(store, q, job_id, attempt, "failed", exit_code=code,
+                       error=f"exited with code {code}" + ("" if code else " without recording a result"))
+        return code
     except Exception as e:
-        traceback.print_exc()
-        sys.stdout.flush()
+        try:
+            traceback.print_exc()
+            sys.stdout.flush()
+        except OSError:
+            pass  # a full disk: the store gets the reason below all the same
         keeper.done.set()
         record_outcome(store, q, job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}")
         return 1
     keeper.done.set()
     record_outcome(store, q, job_id, attempt, "succeeded", exit_code=0, result=result)
-    print(f"lab: job {job_id} succeeded", flush=True)
+    _say(f"lab: job {job_id} succeeded")
     return 0
 
 
@@ -249,6 +338,9 @@ if __name__ == "__main__":
     # The outcome is in the store and the kind has closed its files: run the atexit handlers and
     # leave without the interpreter's teardown (~0.1 s, all of it dead time on the GPU lane).
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
     os._exit(code)
