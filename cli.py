@@ -8,10 +8,12 @@ Nothing imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -92,8 +94,19 @@ def _new_run_id(kind: str) -> str:
     return f"{kind}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
-def _foreground(kind: str, device: str, run_id: str | None = None) -> Any:
-    """A LocalContext for running a job kind here, in $LAB_RUNS/<run_id>."""
+# What a job writes before it does any work (the spec it was given, a log line): a run directory
+# holding only these, left by a bad input, records nothing worth keeping.
+_SETUP_FILES = frozenset({"spec.json", "log.txt"})
+
+
+@contextlib.contextmanager
+def _foreground(kind: str, device: str, run_id: str | None = None) -> Iterator[Any]:
+    """A LocalContext for running a job kind here, in $LAB_RUNS/<run_id>.
+
+    Exit 2 means nothing was done, yet some inputs are found bad only inside the job (a dataset
+    that is not there, a block_size longer than the data): on such an error the run directory
+    made by this call is removed again, so `lab runs` shows no empty run. A directory that was
+    there before (`--resume`), or one where the job wrote more than its setup files, is kept."""
     from pathlib import Path
 
     import torch
@@ -110,7 +123,14 @@ def _foreground(kind: str, device: str, run_id: str | None = None) -> Any:
     # GPU lane's job (a wait prints who holds the card).
     hold_card_if_cuda(device)
     run_dir = Path(config.paths().runs) / (run_id or _new_run_id(kind))
-    return LocalContext(run_dir, lane="gpu" if device == "cuda" else "cpu", device=device)
+    made_here = not run_dir.exists()
+    ctx = LocalContext(run_dir, lane="gpu" if device == "cuda" else "cpu", device=device)
+    try:
+        yield ctx
+    except (BadInput, ConfigError, FileNotFoundError):
+        if made_here and all(p.is_file() and p.name in _SETUP_FILES for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+        raise
 
 
 _device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -155,9 +175,9 @@ def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data:
             values[key] = value
     values["resume"] = bool(resume_run)
     spec = jobs.parse_spec("train", values)
-    ctx = _foreground("train", device, resume_run)
     try:
-        result = jobs.get_kind("train").run(spec, ctx)
+        with _foreground("train", device, resume_run) as ctx:
+            result = jobs.get_kind("train").run(spec, ctx)
     except TrainingDiverged as e:
         raise Failed(str(e)) from None
     emit(result, as_json, _run_text)
@@ -187,7 +207,8 @@ def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str,
     if steps is not None:
         values["steps"] = steps
     spec = jobs.parse_spec("smoke", values)
-    result = check(spec, _foreground("smoke", device))
+    with _foreground("smoke", device) as ctx:
+        result = check(spec, ctx)
     emit(result, True)
     if not result["ok"]:
         raise Failed(f"smoke: {result['reason']}")
@@ -216,7 +237,8 @@ def tokenize_cmd(src: tuple[str, ...], name: str, as_json: bool) -> None:
     values = {"src": list(src), "name": name}
     check_spec_paths("tokenize", values)  # the agent may run this one in the foreground
     spec = jobs.parse_spec("tokenize", values)
-    result = jobs.get_kind("tokenize").run(spec, _foreground("tokenize", "cpu"))
+    with _foreground("tokenize", "cpu") as ctx:
+        result = jobs.get_kind("tokenize").run(spec, ctx)
     emit(result, as_json,
          lambda r: f"{r['name']}: {r['tokens']:,} tokens, {r['shards']} shard(s) at {r['dir']}")
 
@@ -239,11 +261,20 @@ def eval_cmd(run: str, n_steps: int | None, batches: int | None, checkpoint: str
     """
     import jobs
     from jobs.eval import checkpoint_of
+    from records.archive import ArchivedRun
 
     spec = jobs.parse_spec("eval", {"run": run, "n_steps": n_steps, "batches": batches,
                                     "checkpoint": checkpoint})
-    checkpoint_of(spec)  # a missing run is bad input: fail before creating a run dir
-    result = jobs.get_kind("eval").run(spec, _foreground("eval", device))
+    try:
+        checkpoint_of(spec)  # a missing run is bad input: fail before creating a run dir
+    except ArchivedRun as e:
+        # In the cold tier: exit 2 as for a missing run, but an agent gets where it is and the
+        # command that brings it back (one JSON document on stdout; the error on stderr).
+        if as_json:
+            emit(e.as_dict(), True)
+        raise BadInput(str(e)) from None
+    with _foreground("eval", device) as ctx:
+        result = jobs.get_kind("eval").run(spec, ctx)
     emit(result, as_json, lambda r: f"{r['run']} at depth {r['n_steps']}: val_loss {r['val_loss']:.4f}, "
                                     f"val_bpb {r['val_bpb']:.4f}")
 
@@ -430,13 +461,20 @@ def submit_cmd(kind: str, lane: str | None, sets: tuple[str, ...], after: str | 
 @main.command("status")
 @json_option
 def status_cmd(as_json: bool) -> None:
-    """What runs, what waits (progress, ETA), whether a daemon is alive, the disk guard.
+    """What runs, what waits (progress, ETA), whether a daemon is alive, the disk guard, and the
+    GitHub bridge once it has run (last sync, requests left, a pause and why, rows it gave up on).
 
     Example: lab status --json
     """
+    from bridge import github
     from daemon import service
 
-    emit(service.status(), as_json, _status_text)
+    store = service.open_store()
+    status = service.status(store)
+    bridge = github.status_summary(store)  # the daemon's GitHub poller: its rate, pause, give-ups
+    if bridge is not None:
+        status["bridge"] = bridge
+    emit(status, as_json, lambda s: "\n".join([_status_text(s), *github.status_lines(s.get("bridge"))]))
 
 
 @main.command("show")
@@ -448,9 +486,31 @@ def show_cmd(job_id: int, as_json: bool) -> None:
 
     Example: lab show 12 --json
     """
-    from daemon import service
+    from pathlib import Path
 
-    emit(service.show(job_id, events=True), as_json, _job_text)
+    from daemon import service
+    from records import archive
+
+    job = service.show(job_id, events=True)
+    rf = job.get("run_files")
+    if rf:
+        # The queue records where the run was written; an archived run's files are now in the cold
+        # tier: run_files says which tier, where the files are now, and how to bring them back.
+        where = archive.whereabouts(Path(rf["path"])) if rf["here"] else {"tier": None}
+        if where["tier"] == "cold":
+            rf.update(hot_path=rf["path"], path=where["archive_path"], tier="cold", restore=where["restore"])
+        else:
+            rf.update(where)
+
+    def text(j: dict[str, Any]) -> str:
+        out = _job_text(j)
+        if rf and rf.get("tier") == "cold":
+            out += f"\n  archived: the run files are in the cold tier; `{rf['restore']}` brings them back"
+        elif rf and rf.get("error"):
+            out += f"\n  run files: {rf['error']}"
+        return out
+
+    emit(job, as_json, text)
 
 
 @main.command("logs")
@@ -463,14 +523,41 @@ def logs_cmd(job_id: int, follow: bool, as_json: bool) -> None:
     Example: lab logs 12 --follow
     """
     import time as _time
+    from pathlib import Path
 
     import config as _config
     from daemon import service
+    from records import archive
     from store import FINAL
 
     store = service.open_store()
+    job = service.show(job_id, store)
+    here = job["run_dir"] and (not job["host"] or job["host"] == _config.paths().host)
+    where = archive.whereabouts(Path(job["run_dir"])) if here else {"tier": None}
+    if where["tier"] == "unknown" and not as_json:  # a damaged pointer: whatever follows, say so first
+        click.echo(f"warning: job {job_id}: {where['error']}", err=True)
+    if where["tier"] == "cold":
+        # An archived job has ended: its log is read where it now is, the cold copy, and the
+        # note says so and how to restore; not "no log yet", which would send one waiting.
+        cold_log = Path(where["archive_path"]) / "log.txt"
+        note = (f"job {job_id} is archived: its files are in the cold tier at {where['archive_path']}; "
+                f"`{where['restore']}` brings them back")
+        try:
+            text = cold_log.read_text(errors="replace")
+        except OSError as e:  # the cold disk not mounted, or a job that never logged
+            if as_json:
+                emit({**where, "id": job_id, "status": job["status"], "path": str(cold_log),
+                      "error": f"{note}; its log {cold_log} cannot be read ({e.strerror})"}, True)
+            raise Failed(f"{note}; its log {cold_log} cannot be read ({e.strerror})") from None
+        if as_json:
+            emit({**service.logs(job_id, store=store), **where, "path": str(cold_log),
+                  "lines": len(text.splitlines()), "log": text}, True)
+        else:
+            click.echo(text, nl=False)
+            click.echo(note, err=True)
+        return
     if as_json:
-        emit(service.logs(job_id, store=store), True)
+        emit({**service.logs(job_id, store=store), **where}, True)
         return
     pos = 0
     while True:
@@ -528,27 +615,41 @@ def retry_cmd(job_id: int, as_json: bool) -> None:
         job = service.retry(job_id)
     except StateError as e:
         raise BadInput(str(e)) from None
-    emit(job, as_json, f"job {job_id}: {job['status']}")
+    # A held job comes back blocked (the GitHub `blocked` label is still on): say why it waits.
+    held = f" (held: {job['held']})" if job.get("held") else ""
+    emit(job, as_json, f"job {job_id}: {job['status']}{held}")
 
 
 @main.command("wait")
 @click.argument("job_id", type=int)
 @click.option("--timeout", "timeout_s", type=float, default=None,
               help="Give up after this many seconds (exit 3).")
+@click.option("--keep-waiting", is_flag=True,
+              help="Wait even when no daemon is alive to run the job (say so once on stderr); "
+                   "without it, exit 3 at once.")
 @json_option
-def wait_cmd(job_id: int, timeout_s: float | None, as_json: bool) -> None:
+def wait_cmd(job_id: int, timeout_s: float | None, keep_waiting: bool, as_json: bool) -> None:
     """Block until a job ends: exit 0 succeeded, 1 failed or cancelled, 3 timed out.
+
+    When no daemon is alive for the job's lane (and host), nothing will ever run it: wait says
+    so on stderr (with when a daemon was last seen) and exits 3 at once, unless --keep-waiting
+    is given (e.g. a daemon is about to start). With --json, stdout stays one JSON document (the
+    job, with "timed_out" and "no_daemon"); the message goes to stderr only.
 
     Example: lab wait 12 --timeout 600 --json
     """
     from daemon import service
 
+    def say(message: str) -> None:
+        click.echo(f"warning: {message}; waiting anyway (--keep-waiting)", err=True)
+
     try:
-        job = service.wait(job_id, timeout_s)
+        job = service.wait(job_id, timeout_s, without_daemon="warn" if keep_waiting else "fail", say=say)
     except service.WaitTimeout as e:
+        no_daemon = isinstance(e, service.NoDaemon)
         if as_json:
-            emit({**service.show(job_id), "timed_out": True}, True)
-        click.echo(f"Error: {e}", err=True)
+            emit({**service.show(job_id), "timed_out": True, "no_daemon": no_daemon}, True)
+        click.echo(f"Error: {e}" + ("; pass --keep-waiting to wait anyway" if no_daemon else ""), err=True)
         sys.exit(EXIT_TIMEOUT)
     emit(job, as_json, _job_text)
     if job["status"] != "succeeded":
@@ -733,8 +834,12 @@ def archive_cmd(runs: tuple[str, ...], older_than: float | None, as_json: bool) 
 
     if not runs and older_than is None:
         raise BadInput("archive: name runs, or give --older-than DAYS")
-    if older_than is not None and older_than < 0:
-        raise BadInput(f"--older-than: {older_than} must be >= 0")
+    if older_than is not None and not 0 <= older_than <= 36_500:  # nan fails both comparisons
+        raise BadInput(f"--older-than: {older_than} must be a number of days in [0, 36500]")
+    for run in runs:
+        # A named run that is not there is bad input (exit 2, as `lab restore` says), refused
+        # before anything moves; a run that fails to archive is the work failing (exit 1).
+        _check_named_run(run)
     out = records.archive_runs(list(runs), older_than)
 
     def text(r: dict[str, Any]) -> str:
@@ -748,6 +853,23 @@ def archive_cmd(runs: tuple[str, ...], older_than: float | None, as_json: bool) 
         sys.exit(EXIT_FAILED)
 
 
+def _check_named_run(run: str) -> None:
+    """BadInput (exit 2) unless `run` is one directory under LAB_RUNS, as records names runs."""
+    from pathlib import Path
+
+    import config
+
+    runs = Path(config.paths().runs)
+    if not run or "/" in run or "\\" in run or run in (".", "..") or "\0" in run:
+        raise BadInput(f"run: {run!r} is not a run name")
+    try:
+        there = (runs / run).is_dir()
+    except (OSError, ValueError):  # a name the filesystem refuses (too long)
+        there = False
+    if not there:
+        raise BadInput(f"run: no run {run!r} (no run directory {runs / run})")
+
+
 @main.command("restore")
 @click.argument("run")
 @json_option
@@ -758,6 +880,7 @@ def restore_cmd(run: str, as_json: bool) -> None:
     """
     from records import archive
 
+    _check_named_run(run)  # the same answer as `lab archive` for a run that is not there
     out = _record_call(archive.restore_run, run)
     emit(out, as_json, lambda r: f"restored {r['run']}: {r['files']} files, {r['bytes']} B -> {r['path']}")
 

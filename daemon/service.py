@@ -9,16 +9,18 @@ store; none of this needs a running daemon.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import config
 import jobs
 from config import ConfigError
 from jobs.paths import check_spec_paths
-from store import ACTIVE, FINAL, Store, iso, public
+from store import ACTIVE, FINAL, MAX_ID, Store, iso, public
 
 # Priorities order jobs within a lane; a bound keeps one caller from outranking every job forever
 # with a number no person would type.
@@ -31,6 +33,11 @@ class GateError(ConfigError):
 
 class WaitTimeout(Exception):
     pass
+
+
+class NoDaemon(WaitTimeout):
+    """`wait` found no live daemon that could move the job on: waiting longer would hang
+    (`lab wait` exits 3 with it, as for a timeout, unless told to keep waiting)."""
 
 
 def open_store() -> Store:
@@ -73,24 +80,28 @@ def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after:
     store = store or open_store()
     q = config.queue_config()
     lane = jobs.check_lane(kind, lane)
+    host = check_host(host)
     # Before the Spec looks at any file: only files in the checkout's allowed roots, never a
     # dotfile or the queue database, and runs by id (jobs/paths.py); the job checks it again.
     check_spec_paths(kind, values)
     spec = jobs.spec_to_dict(jobs.parse_spec(kind, values))
+    check_local_inputs(kind, spec, host, store)
+    check_job_ref("--after", after)
+    check_job_ref("--earned-by", earned_by)
     if after is not None and store.get(after) is None:
         raise ConfigError(f"--after: job {after} does not exist")
     if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > PRIORITY_LIMIT:
-        raise ConfigError(f"--priority: {priority!r} is out of range (allowed: -{PRIORITY_LIMIT} to "
-                          f"{PRIORITY_LIMIT})")
+        raise ConfigError(f"--priority: {config.show(priority)} is out of range "
+                          f"(allowed: -{PRIORITY_LIMIT} to {PRIORITY_LIMIT})")
     if issue is not None and (isinstance(issue, bool) or not isinstance(issue, int) or not 0 < issue < 2**31):
-        raise ConfigError(f"--issue: {issue!r} is not an issue number")
+        raise ConfigError(f"--issue: {config.show(issue)} is not an issue number (a positive integer "
+                          "below 2^31)")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))):
+        raise ConfigError(f"--timeout: expected a number of seconds, got {type(timeout_s).__name__}")
     if timeout_s is not None and not 0 < timeout_s <= 30 * 86_400:
-        raise ConfigError(f"--timeout: {timeout_s!r} is out of range (allowed: (0, 2592000] seconds)")
+        raise ConfigError(f"--timeout: {config.show(timeout_s)} is out of range "
+                          "(allowed: (0, 2592000] seconds)")
     check_gate(store, kind, lane, spec, earned_by, force, reason)
-    if host is not None:
-        host = host.strip()
-        if not host or len(host) > 128:
-            raise ConfigError(f"--host: {host!r} is not a host name (LAB_HOST of a daemon, 1-128 characters)")
     job_id = store.submit(
         kind, lane, spec, priority=priority, after=after,
         timeout_s=timeout_s or q.default_timeout_seconds, max_attempts=q.max_attempts, issue=issue,
@@ -101,6 +112,75 @@ def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after:
         # Not an error: the host's daemon may start later. But a typo would wait forever.
         out["warning"] = f"no daemon has run on host {host!r} yet; the job waits until one does"
     return out
+
+
+def check_host(host: str | None) -> str | None:
+    """`host` stripped, or ConfigError: a daemon claims a job only when its LAB_HOST equals the
+    job's host exactly, so a name no daemon can have (empty, a newline, a space, a control
+    character) would wait forever."""
+    if host is None:
+        return None
+    if not isinstance(host, str):
+        raise ConfigError(f"--host: expected a host name (a string), got {type(host).__name__}")
+    host = host.strip()
+    if not host or len(host) > 128 or not host.isprintable() or any(c.isspace() for c in host):
+        raise ConfigError(f"--host: {config.show(host)} is not a host name (LAB_HOST of a daemon: "
+                          "1-128 printable characters, no spaces)")
+    return host
+
+
+def check_job_ref(flag: str, job_id: int | None) -> None:
+    """A job id given to point at another job (--after, --earned-by): a positive integer the
+    store can hold; a larger one would reach the database driver and overflow there."""
+    if job_id is None:
+        return
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 0 < job_id <= MAX_ID:
+        raise ConfigError(f"{flag}: {config.show(job_id)} is not a job id (a positive integer)")
+
+
+def check_local_inputs(kind: str, spec: dict[str, Any], host: str | None, store: Store) -> None:
+    """Refuse at submit what would only fail when the job runs, where this host can tell: a
+    `train` dataset that is not under $LAB_RUNS/data (the sample dataset is built on demand), an
+    `eval` or `archive` run that is not under $LAB_RUNS. A dataset a queued `tokenize` job will
+    make, and a run that is a job of the queue still to run (its run dir appears when it does),
+    are accepted: `lab submit eval --set run=12 --after 12` is the usual way to evaluate job 12.
+
+    Only when the job runs here: with `host` naming another host (a multi-host queue), its
+    datasets and runs are under that host's LAB_RUNS, which this one cannot see. A job for any
+    host (no `host`) is checked here too, so that a typo is caught at submit; a run that the
+    queue says ran on another host is then accepted, since a daemon there may take the job."""
+    here = config.paths().host
+    if host is not None and host != here:
+        return
+    runs = Path(config.paths().runs)
+    if kind == "train":
+        name = spec.get("data")
+        if isinstance(name, str) and name != config.SAMPLE_DATASET \
+                and not (runs / "data" / name / "meta.json").is_file() \
+                and not any(j["spec"].get("name") == name for j in store.list_jobs(ACTIVE, kind="tokenize")):
+            raise ConfigError(f"train.data: no dataset {name!r} in {runs / 'data'} (make it with `lab "
+                              f"tokenize`; the sample dataset {config.SAMPLE_DATASET!r} is built on demand)")
+    named = {"eval": [spec.get("run")], "archive": list(spec.get("runs") or ())}.get(kind, [])
+    for run in named:
+        if isinstance(run, str) and not _run_is_known(run, runs, here, host, store):
+            raise ConfigError(f"{kind}.{'run' if kind == 'eval' else 'runs'}: no run {run!r} in {runs}")
+
+
+def _run_is_known(run: str, runs: Path, here: str, host: str | None, store: Store) -> bool:
+    """Whether run id `run` names a run the job may find: a directory under $LAB_RUNS, a queued,
+    blocked or running job (its run dir appears when it runs), or, for a job any host may
+    take, a job that ran on another host."""
+    try:
+        if (runs / run).is_dir():
+            return True
+    except OSError:  # a name the filesystem refuses (too long): no run of this lab
+        return False
+    if not run.isdigit() or len(run) > 19:  # a job's run dir is named by its id; 19 digits is 2^63
+        return False
+    job = store.get(int(run))
+    if job is None:
+        return False
+    return job["status"] in ACTIVE or (host is None and job["host"] not in (None, here))
 
 
 def check_tracked_issue(issue: int, store: Store | None = None) -> None:
@@ -142,7 +222,7 @@ def status(store: Store | None = None) -> dict[str, Any]:
     q = config.queue_config()
     active = store.list_jobs(ACTIVE)
     recent = store.list_jobs(FINAL, limit=10, newest_first=True)
-    alive = store.daemons(alive_within=max(3 * q.heartbeat_seconds, q.lease_seconds))
+    alive = store.daemons(alive_within=alive_window(q))
     disk = disk_status(Path(config.paths().runs).expanduser().resolve(), q)
     paused = next((d["paused"] for d in alive if d["paused"]), None) or disk["reason"]
     lanes: dict[str, Any] = {}
@@ -152,7 +232,7 @@ def status(store: Store | None = None) -> dict[str, Any]:
             "running": [summary(j) for j in mine if j["status"] == "running"],
             "queued": sum(j["status"] == "queued" for j in mine),
             "blocked": sum(j["status"] == "blocked" for j in mine),
-            "paused": paused if lane == "gpu" else None,
+            "paused": paused,  # the disk guard holds both lanes
         }
     daemons = [{"id": d["id"], "host": d["host"], "pid": d["pid"], "lanes": d["lanes"].split(","),
                 "heartbeat": iso(d["heartbeat_at"]), "paused": d["paused"]} for d in alive]
@@ -163,6 +243,41 @@ def status(store: Store | None = None) -> dict[str, Any]:
             "daemons": daemons, "hosts": host_view(store, active, alive), "disk": disk}
 
 
+
+
+def alive_window(q: config.QueueConfig | None = None) -> float:
+    """A daemon is alive when it has not stopped and heartbeat within this many seconds: three
+    missed heartbeats, and never less than a lease (a daemon restarting within a lease counts)."""
+    q = q or config.queue_config()
+    return max(3 * q.heartbeat_seconds, q.lease_seconds)
+
+
+def no_daemon_for(job: dict[str, Any], store: Store) -> str | None:
+    """Why nothing will move `job` on, or None when something may: a live daemon serves its
+    lane (on its host, when it names one), or it runs under a live lease (its own process renews
+    it, and finishes without a daemon). A queued or blocked job needs a daemon to claim it or to
+    resolve its dependency; a running one whose lease expired, one to requeue it."""
+    if job["status"] in FINAL:
+        return None
+    if job["status"] == "running" and (job["lease_expires_at"] or 0) > time.time():
+        return None
+    lane, want = job["lane"], job.get("want_host")
+
+    def serves(d: dict[str, Any]) -> bool:
+        return lane in d["lanes"].split(",") and (want is None or d["host"] == want)
+
+    if any(serves(d) for d in store.daemons(alive_within=alive_window())):
+        return None
+    where = f"lane {lane}" + (f" on host {want!r}" if want else "")
+    seen = [d for d in store.daemons() if serves(d)]
+    if seen:
+        last = max(seen, key=lambda d: d["heartbeat_at"])
+        since = (f"none seen since {iso(last['heartbeat_at'])}, the last heartbeat of "
+                 f"{last['host']} pid {last['pid']}")
+    else:
+        since = "none has ever run on this queue"
+    return (f"job {job['id']} is still {job['status']} and no daemon is alive for {where} ({since}); "
+            "it will not move until one starts (`lab daemon`)")
 
 
 def host_view(store: Store, active: list[dict[str, Any]],
@@ -198,16 +313,36 @@ def host_view(store: Store, active: list[dict[str, Any]],
 
 
 def wait(job_id: int, timeout_s: float | None = None, store: Store | None = None,
-         poll_s: float = 0.2) -> dict[str, Any]:
-    """Block until the job is final; WaitTimeout after `timeout_s`."""
+         poll_s: float = 0.2, without_daemon: Literal["ignore", "fail", "warn"] = "ignore",
+         say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Block until the job is final; WaitTimeout after `timeout_s` (None: no limit).
+
+    With no live daemon to move the job on (`no_daemon_for`), `without_daemon` decides:
+    "fail" raises NoDaemon at once (a caller in a loop must not hang on a queue nobody serves),
+    "warn" tells `say` once and keeps waiting, "ignore" (the MCP tool, whose wait is bounded)
+    does not look. The check runs on every poll, so a daemon that dies mid-wait is noticed."""
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not math.isfinite(timeout_s) or timeout_s < 0):
+        # A negative timeout would time out at once, nan never: refused like `lab submit --timeout`.
+        raise ConfigError(f"--timeout: {config.show(timeout_s)} is not a number of seconds >= 0 "
+                          "(leave it out to wait without a limit)")
     store = store or open_store()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    warned = False
     while True:
         job = store.get(job_id)
         if job is None:
             raise ConfigError(f"job {job_id}: no such job")
         if job["status"] in FINAL:
             return public(job)
+        if without_daemon != "ignore" and not warned:
+            why = no_daemon_for(job, store)
+            if why is not None and without_daemon == "fail":
+                raise NoDaemon(why)
+            if why is not None:
+                warned = True
+                if say is not None:
+                    say(why)
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeout(f"job {job_id} is still {job['status']} after {timeout_s:g} s")
         time.sleep(poll_s)

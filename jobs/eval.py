@@ -12,6 +12,7 @@ from typing import Any, Literal
 import config
 from config import Validated, setting
 from jobs.paths import check_run_id
+from records import archive
 
 LANES = ("gpu", "cpu")
 
@@ -32,12 +33,21 @@ class Spec(Validated):
 
 def run_dir_of(run: str) -> Path:
     """The directory of run id `run`: $LAB_RUNS/<run>, which must resolve (symlinks followed)
-    inside $LAB_RUNS. FileNotFoundError when there is none; ConfigError for a non-id."""
+    inside $LAB_RUNS. FileNotFoundError when there is none (archive.ArchivedRun, a subclass, when
+    it is in the cold tier); ConfigError for a non-id."""
     check_run_id(run, "run")
     path = Path(config.paths().runs) / run
     # A link under runs/ that leads out of it is no run of this lab: the same answer as none.
     if not _inside_runs(path) or not path.is_dir():
         raise FileNotFoundError(f"run: no run {run!r} in {config.paths().runs}")
+    # An archived run keeps only its pointer here: say so (where, and `lab restore`), not that the
+    # checkpoint does not exist. Eval reads hot files only; the cold disk may be slow or absent.
+    try:
+        pointer = archive.read_pointer(path)
+    except archive.ArchiveError as e:  # a damaged pointer: where the files are is not known
+        raise FileNotFoundError(f"run: {e}") from None
+    if pointer is not None:
+        raise archive.ArchivedRun(run, pointer["archive_path"])
     return path
 
 

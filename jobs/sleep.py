@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from config import ConfigError, Validated, setting
+from config import ConfigError, Validated, setting, show
 
 LANES = ("cpu", "gpu")
 
@@ -31,8 +31,10 @@ class Spec(Validated):
     child: bool = False
 
     def _check_relations(self) -> None:
-        if self.signal and not (self.signal.startswith("SIG") and hasattr(signal_mod, self.signal)):
-            raise ConfigError(f"sleep.signal: {self.signal!r} is not a signal name (e.g. SIGKILL)")
+        # Signals' members only: the signal module also holds SIG_DFL, SIG_IGN (handlers) and
+        # SIG_BLOCK (a mask operation), which start with SIG but are no signal to send.
+        if self.signal and self.signal not in signal_mod.Signals.__members__:
+            raise ConfigError(f"sleep.signal: {show(self.signal)} is not a signal name (e.g. SIGKILL)")
 
 
 def run(spec: Spec, ctx: Any) -> dict[str, Any]:

@@ -33,9 +33,9 @@ class Spec(Validated):
     set: dict = field(default_factory=dict)  # config overrides by key
 
     def _check_relations(self) -> None:
-        from jobs.train import resolve_config
+        from jobs.train import check_config
 
-        resolve_config(self)
+        check_config(self)
 
 
 def smoke_config(spec: Spec) -> config.Config:

@@ -27,7 +27,7 @@ class Spec(Validated):
     resume: bool = True  # continue from this run's ckpt_last.pt when there is one
 
     def _check_relations(self) -> None:
-        resolve_config(self)  # names the bad preset, arch or key now, not when the job runs
+        check_config(self)  # names the bad preset, arch or key now, not when the job runs
         # fullmatch: with re.match a `$` would also accept "name\n"
         if not re.fullmatch(DATASET_NAME_RE, self.data):
             raise ConfigError(f"train.data: {show(self.data)} is not a dataset name (letters, digits, '_.-')")
@@ -36,6 +36,24 @@ class Spec(Validated):
 def resolve_config(spec: Any) -> config.Config:
     """The config a train/smoke spec asks for: preset, arch and overrides, all validated."""
     return config.preset(spec.preset, spec.arch or None, **spec.set)
+
+
+# config.preset names its arguments bare (`preset: ...`, `arch: ...`, `KEY: unknown config key`);
+# a spec's error names them as the spec's fields, like every other (`train.preset`, `train.set.KEY`),
+# so a person finds the key they wrote. A config field keeps its own name (`model.d_model`).
+_BARE_ARGS = re.compile(r"(^|; )(preset|arch)(?=: )")
+_BARE_OVERRIDE = re.compile(r"(^|; )([^;:]+)(?=: unknown config key)")
+
+
+def check_config(spec: Any) -> None:
+    """resolve_config at validation, its errors naming the spec's fields (`<kind>.preset`)."""
+    kind = type(spec).FIELD_PREFIX or "train"
+    try:
+        resolve_config(spec)
+    except ConfigError as e:
+        text = _BARE_ARGS.sub(lambda m: f"{m.group(1)}{kind}.{m.group(2)}", str(e))
+        text = _BARE_OVERRIDE.sub(lambda m: f"{m.group(1)}{kind}.set.{m.group(2)}", text)
+        raise ConfigError(text) from None
 
 
 def data_dir_for(name: str) -> Path:

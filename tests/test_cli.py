@@ -42,7 +42,7 @@ SURFACE = {
                '--priority', '--reason', '--set', '--timeout'],
     "tokenize": ['src', '--json', '--name'],
     "train": ['--arch', '--data', '--device', '--json', '--preset', '--resume', '--set'],
-    "wait": ['job_id', '--json', '--timeout'],
+    "wait": ['job_id', '--json', '--keep-waiting', '--timeout'],
 }
 
 # `lab mcp` speaks JSON-RPC on stdio: a --json flag would mean nothing there.
