@@ -213,6 +213,8 @@ def summarize_run(name: str, row: dict[str, Any] | None = None) -> dict[str, Any
         "age_days": round(archive.run_age_days(run_dir), 2),
         "best": best_metric(run_dir),
         "path": str(run_dir),
+        # An agent reading `lab runs --json` learns how to bring a cold run back without guessing.
+        "restore": archive.restore_command(name) if tier == "cold" else None,
     }
 
 
@@ -255,20 +257,27 @@ def list_runs() -> list[dict[str, Any]]:
     for n in sorted(names):
         try:
             out.append(summarize_run(n, rows.get(n, {})))
-        except (RecordError, OSError) as e:  # one unreadable run must not hide the others
-            out.append({"run": n, "kind": None, "status": None, "tier": "?", "bytes": None, "size": "?",
-                        "age_days": 0.0, "best": None, "path": None, "error": str(e)})
+        # One unreadable run must not hide the others.
+        except (RecordError, archive.ArchiveError, OSError) as e:
+            # ArchiveError: a damaged pointer. Where the files are is then not known, so the tier
+            # says "unknown" rather than guessing hot or cold; the queue still knows kind and status.
+            row = rows.get(n, {})
+            out.append({"run": n, "kind": row.get("kind"), "status": row.get("status"), "tier": "unknown",
+                        "bytes": None, "size": "?", "age_days": 0.0, "best": None, "path": None,
+                        "restore": None, "error": str(e)})
     return sorted(out, key=lambda r: r["age_days"])
 
 
 def runs_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no runs"
-    lines = [f"{'RUN':<28} {'KIND':<9} {'STATUS':<10} {'TIER':<4} {'SIZE':>9} {'AGE':>7}  BEST"]
+    lines = [f"{'RUN':<28} {'KIND':<9} {'STATUS':<10} {'TIER':<7} {'SIZE':>9} {'AGE':>7}  BEST"]
     for r in rows:
         best = r["best"]
         shown = f"{best['name']}={best['value']:.4g}" if best else "-"
-        lines.append(f"{r['run']:<28} {r['kind'] or '-':<9} {r['status'] or '-':<10} {r['tier']:<4} "
+        if r.get("error"):
+            shown = f"error: {r['error']}"  # a person reading the table sees why the row is empty
+        lines.append(f"{r['run']:<28} {r['kind'] or '-':<9} {r['status'] or '-':<10} {r['tier']:<7} "
                      f"{r['size']:>9} {r['age_days']:>6.1f}d  {shown}")
     return "\n".join(lines)
 
@@ -768,6 +777,8 @@ def list_cards() -> list[dict[str, Any]]:
             _run_dir, fm["tier"] = locate_run(str(fm.get("job")))
         except (FileNotFoundError, config.ConfigError):
             fm["tier"] = "missing"
+        except archive.ArchiveError:  # a damaged pointer: one card must not hide the others
+            fm["tier"] = "unknown"
         cards.append({**fm, "path": str(p)})
     return cards
 
@@ -792,28 +803,44 @@ def cards_table(cards: list[dict[str, Any]]) -> str:
 def select_old_runs(older_than_days: float, exclude: frozenset[str] = frozenset()) -> list[str]:
     """Hot runs whose job finished (or that the queue does not know) and whose newest file is
     older than N days. Runs the queue says are still active are never chosen."""
+    return _select_old_runs(older_than_days, exclude)[0]
+
+
+def _select_old_runs(older_than_days: float,
+                     exclude: frozenset[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """(the runs select_old_runs chooses, the runs it had to skip with the reason). A run whose
+    pointer cannot be read is skipped: its files may be half in the archive, and only a person
+    can tell; one such run must not stop the others from being archived."""
     root = runs_root()
-    chosen = []
+    chosen, skipped = [], []
     now = time.time()
     rows = _job_rows()
     for p in sorted(root.iterdir()) if root.is_dir() else []:
-        if (not p.is_dir() or p.name.startswith(".") or p.name in NOT_RUNS or p.name in exclude
-                or archive.read_pointer(p)):
+        if not p.is_dir() or p.name.startswith(".") or p.name in NOT_RUNS or p.name in exclude:
+            continue
+        try:
+            if archive.read_pointer(p):
+                continue
+        except (archive.ArchiveError, OSError) as e:
+            skipped.append({"run": p.name, "reason": str(e)})
             continue
         if rows.get(p.name, {}).get("status") in ACTIVE:
             continue
         if archive.run_age_days(p, now) >= older_than_days:
             chosen.append(p.name)
-    return chosen
+    return chosen, skipped
 
 
 def archive_runs(names: list[str], older_than_days: float | None = None,
                  exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Archive named runs and/or old finished ones. One run's failure does not stop the others;
-    each is reported. A named run the queue says is active is refused."""
+    each is reported. A named run the queue says is active is refused. `skipped`: runs the age
+    rule passed over because their pointer cannot be read (a named one is `failed` instead)."""
     todo = list(dict.fromkeys(names))
+    skipped: list[dict[str, str]] = []
     if older_than_days is not None:
-        todo += [n for n in select_old_runs(older_than_days, exclude) if n not in todo]
+        old, skipped = _select_old_runs(older_than_days, exclude)
+        todo += [n for n in old if n not in todo]
     done, failed = [], []
     for name in todo:
         row = _job_row(name)
@@ -824,7 +851,7 @@ def archive_runs(names: list[str], older_than_days: float | None = None,
             summary = summarize_run(name)
             info = archive.archive_run(name, summary={k: summary[k] for k in ("kind", "status", "best")})
             done.append(info)
-        except (archive.ArchiveError, FileNotFoundError, OSError, config.ConfigError) as e:
+        except (archive.ArchiveError, RecordError, FileNotFoundError, OSError, config.ConfigError) as e:
             failed.append({"run": name, "error": str(e)})
-    return {"archived": done, "failed": failed,
+    return {"archived": done, "failed": failed, "skipped": skipped,
             "bytes_moved": sum(d.get("bytes", 0) for d in done if not d.get("already_archived"))}

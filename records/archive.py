@@ -6,14 +6,19 @@ lists the run and knows where it went. A copy that fails verification deletes no
 tier; the bad copy stays in the archive as `<run>.partial` for inspection. Restore is the same
 move in the other direction, verified against the manifest written at archive time.
 
-Crash safety: the pointer is written (atomically) only after the archived copy is verified and
-renamed into place, and hot files are deleted only after the pointer exists. A crash between
-the two leaves a pointer plus leftovers, which the next archive of that run finishes deleting.
+Crash safety: the pointer is written (atomically and durably: fsynced, renamed, directory
+fsynced) only after the archived copy is verified and renamed into place, and hot files are
+deleted only after the pointer is on disk. A crash at any step is finished by archiving again:
+before the cold rename, the `.partial` copy is redone; between the rename and the pointer, the
+verified cold copy is matched against the untouched hot files and the pointer written; after the
+pointer, the leftovers that match the manifest are deleted.
+
+A pointer that cannot be read (empty, torn, edited by hand) raises ArchiveError naming the file:
+listings show that run as tier "unknown" with the error, and nothing archives or deletes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from common import fsync_dir, sha256_file, utc_now, write_atomic
+from common import fsync_dir, sha256_file, utc_now, write_json_atomic
 
 CopyFile = Callable[[Path, Path], Any]
 
@@ -32,15 +37,72 @@ class ArchiveError(RuntimeError):
     """The move could not be completed; the message says what was left where."""
 
 
+class ArchivedRun(FileNotFoundError):
+    """The run's files are in the cold tier, not under LAB_RUNS. A FileNotFoundError, so a
+    command that needs the hot files refuses as for a missing run (exit 2), but the message says
+    where the files are and how to bring them back instead of "does not exist"."""
+
+    def __init__(self, run: str, archive_path: str):
+        self.run, self.archive_path = run, archive_path
+        self.restore = restore_command(run)
+        super().__init__(f"run {run} is archived: its files are in the cold tier at {archive_path}; "
+                         f"`{self.restore}` brings them back to LAB_RUNS")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "tier": "cold", "archive_path": self.archive_path,
+                "restore": self.restore, "error": str(self)}
+
+
+def restore_command(run: str) -> str:
+    return f"lab restore {run}"
+
+
 def pointer_path(run_dir: Path) -> Path:
     return run_dir / config.RECORDS.pointer_file
 
 
 def read_pointer(run_dir: Path) -> dict[str, Any] | None:
+    """The run's pointer, None when it has none. ArchiveError when it has one that cannot be
+    read: the pointer may be the only record of where the run went, so a damaged one is reported
+    (with where the copy would be), never taken as "not archived"."""
     p = pointer_path(run_dir)
     if not p.is_file():
         return None
-    return json.loads(p.read_text())
+    where = (f"if it was archived, its copy is at {Path(config.paths().archive) / run_dir.name}; "
+             "compare by hand, then fix or remove the pointer")
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArchiveError(f"run {run_dir.name}: {p} is not valid JSON ({e}); {where}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("archive_path"), str):
+        raise ArchiveError(f"run {run_dir.name}: {p} names no archive_path; {where}")
+    return data
+
+
+def whereabouts(run_dir: Path) -> dict[str, Any]:
+    """Where a run's files are now, for `lab show` and `lab logs`: tier "hot" (in run_dir),
+    "cold" (with archive_path and the restore command), "unknown" (an unreadable pointer, with
+    the error) or None (no files yet)."""
+    try:
+        pointer = read_pointer(run_dir) if run_dir.is_dir() else None
+    except (ArchiveError, OSError) as e:
+        return {"tier": "unknown", "error": str(e)}
+    restore = restore_command(run_dir.name)
+    if pointer is not None:
+        return {"tier": "cold", "archive_path": pointer["archive_path"], "restore": restore}
+    if run_dir.is_dir():
+        return {"tier": "hot"}
+    cold = Path(config.paths().archive) / run_dir.name  # archived, and the hot pointer since removed
+    if (cold / config.RECORDS.manifest_file).is_file():
+        return {"tier": "cold", "archive_path": str(cold.resolve()), "restore": restore}
+    return {"tier": None}
+
+
+def _remove_torn_pointer_writes(hot: Path) -> None:
+    """A kill inside write_json_atomic leaves its temp file (`.<pointer>.tmp-<pid>`) beside the
+    pointer: never run data, so it is neither archived nor kept."""
+    for p in hot.glob(f".{config.RECORDS.pointer_file}.tmp-*"):
+        p.unlink()
 
 
 def _files(root: Path, skip: frozenset[str] = frozenset()) -> list[Path]:
@@ -101,6 +163,7 @@ def archive_run(name: str, runs: str | Path | None = None, archive: str | Path |
         raise FileNotFoundError(f"run: {hot} does not exist")
     cold = cold_root / name
     mf_name = config.RECORDS.manifest_file
+    _remove_torn_pointer_writes(hot)
     pointer = read_pointer(hot)
     if pointer is not None:
         # Archived before; finish a delete that a crash interrupted, else there is nothing to do.
@@ -108,8 +171,13 @@ def archive_run(name: str, runs: str | Path | None = None, archive: str | Path |
         _delete_verified_leftovers(hot, Path(pointer["archive_path"]), leftovers)
         return {**pointer, "run": name, "already_archived": True}
     if cold.exists():
-        raise ArchiveError(f"run {name}: {cold} already exists in the archive and {hot} has no pointer; "
-                           "compare them by hand")
+        # A crash between the cold rename and the pointer leaves a verified copy and untouched hot
+        # files: finish the move when they are the same files, byte for byte; else a person decides.
+        resumed = _verified_copy_of(hot, cold)
+        if resumed is None:
+            raise ArchiveError(f"run {name}: {cold} already exists in the archive and {hot} has no pointer; "
+                               "compare them by hand")
+        return _point_and_delete(hot, cold, resumed, summary)
 
     manifest = manifest_of(hot)
     rels = sorted(manifest)
@@ -134,14 +202,33 @@ def archive_run(name: str, runs: str | Path | None = None, archive: str | Path |
     _fsync_tree(partial)
     os.replace(partial, cold)
     fsync_dir(cold_root)
+    return _point_and_delete(hot, cold, manifest, summary)
 
-    total = sum(m["bytes"] for m in manifest.values())
-    info = {"run": name, "tier": "cold", "archive_path": str(cold.resolve()), "files": len(manifest),
-            "bytes": total, "manifest_sha256": hashlib.sha256(manifest_text.encode()).hexdigest(),
+
+def _verified_copy_of(hot: Path, cold: Path) -> dict[str, dict[str, Any]] | None:
+    """The manifest of the cold copy when it verifies and the hot files are exactly its files
+    (the state a crash before the pointer leaves), else None."""
+    mf = cold / config.RECORDS.manifest_file
+    try:
+        manifest = json.loads(mf.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(manifest, dict) or _verify(cold, manifest) or manifest_of(hot) != manifest:
+        return None
+    return manifest
+
+
+def _point_and_delete(hot: Path, cold: Path, manifest: dict[str, dict[str, Any]],
+                      summary: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the pointer to the verified copy `cold`, then delete the hot files it holds."""
+    mf = cold / config.RECORDS.manifest_file
+    info = {"run": hot.name, "tier": "cold", "archive_path": str(cold.resolve()), "files": len(manifest),
+            "bytes": sum(m["bytes"] for m in manifest.values()), "manifest_sha256": sha256_file(mf),
             "archived_at": utc_now(), "summary": summary or {}}
-    # fsynced before the hot files go: it is then the only record of where the run went
-    write_atomic(pointer_path(hot), json.dumps(info, indent=1) + "\n")
-    for rel in rels:
+    # Written atomically and fsynced (file and directory) before the first hot file goes: from
+    # then on it is the only record of where the run went, and must survive a power cut.
+    write_json_atomic(pointer_path(hot), info, indent=1)
+    for rel in sorted(manifest):
         (hot / rel).unlink()
     _remove_empty_dirs(hot)
     return info

@@ -244,3 +244,31 @@ def test_a_finding_cannot_be_forged_by_arm_names_or_spec_text(lab: CliRunner, tm
     toml_block = text.split("```toml\n", 1)[1].split("\n```", 1)[0]
     assert tomllib.loads(toml_block)["arms"][0]["name"] == FORGED
     assert tomllib.loads(toml_block)["why"] == SHELL
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--set", "d_model=-1"],
+    ["train", "--data", "nonexistent", "--set", "max_steps=1"],  # found missing inside the job
+    ["train", "--set", "block_size=60000", "--set", "max_steps=1"],  # too big for the data: after spec.json
+    ["smoke", "--set", "x=1"],
+    ["smoke", "--set", "block_size=60000"],
+    ["eval", "no-such-run"],
+    ["tokenize", "models/assets/no-such.txt", "--name", "x"],
+], ids=lambda a: " ".join(a))
+def test_bad_input_leaves_no_run_directory(lab: CliRunner, tmp_runs: Path, trained_run: Path,
+                                           args: list[str]) -> None:
+    """Exit 2 means nothing was done: no run directory is left behind to clutter `lab runs`."""
+    shutil.copytree(trained_run.parent / "data", tmp_runs / "data")  # the sample dataset, ready
+    before = sorted(p.name for p in tmp_runs.iterdir())
+    r = lab.invoke(main, [*args, "--json"] if args[0] != "tokenize" else args)
+    assert r.exit_code == 2, r.output
+    assert sorted(p.name for p in tmp_runs.iterdir()) == before
+
+
+def test_a_bad_input_on_resume_keeps_the_run(lab: CliRunner, tmp_runs: Path, trained_run: Path) -> None:
+    """The directory of an existing run is never removed, whatever the error."""
+    shutil.copytree(trained_run, tmp_runs / "train-20261125-120000-abcdef")
+    before = sorted(p.name for p in (tmp_runs / "train-20261125-120000-abcdef").iterdir())
+    r = lab.invoke(main, ["train", "--resume", "train-20261125-120000-abcdef", "--data", "nonexistent"])
+    assert r.exit_code == 2, r.output
+    assert sorted(p.name for p in (tmp_runs / "train-20261125-120000-abcdef").iterdir()) == before
