@@ -16,6 +16,16 @@ LAB_GITHUB_POLL seconds):
    comments. That, and counting each attempt in the database before its request leaves, is what
    keeps a comment single through faults and a kill -9.
 
+GitHub asks for a second between writes, so writes are the bridge's scarce resource: a job
+costs its status comment, its result comment and one label write per state it is seen in (a
+label change is ONE request), plus a status edit when it was first posted while still waiting.
+Bodies are rendered from the job as it is when a cycle starts, so states a job passes through
+between two cycles are never sent; a running job's status is edited at most once per
+STATUS_EDIT_SECONDS; new comments go before edits, edits before labels; and the daemon's poller
+sends for at most FLUSH_SECONDS per cycle, so the next cycle renders what happened meanwhile.
+A primary rate limit pauses the bridge until its reset; then GET /rate_limit (free) says whether
+the budget is back. `lab status` shows the last cycle, the pause and the rows that gave up.
+
 Safety: a spec only selects a job kind and values validated by that kind's Spec; nothing from an
 issue is ever executed. Only a labeller (or `/rerun` author) with write, maintain or admin
 permission, or listed in LAB_ALLOWED_USERS, starts work. The token is scrubbed from every
@@ -86,6 +96,14 @@ SPEC_MAX_CHARS = 16_384
 SPEC_MAX_NESTING = 16
 # `/run <hash>`: a writer approves one exact spec (the hash the status comment shows).
 RUN_COMMAND = re.compile(r"/run\s+([0-9a-f]{16})\b", re.I)
+# A running job's status comment is edited at most once per this many seconds: its progress
+# changes on every poll, and at GitHub's pace of one write a second, edits of a few long jobs
+# would otherwise hold back every other issue's answer. Its end is sent at once.
+STATUS_EDIT_SECONDS = 10.0
+# The daemon's poller sends for at most this long per cycle, then starts the next one at once:
+# that cycle renders each job as it is by then (a job that ended meanwhile gets its final body,
+# not an edit per state it passed through) and sees new issues and cancellations.
+FLUSH_SECONDS = 10.0
 FENCE = re.compile(r"^[ ]{0,3}(`{3,}|~{3,})[ \t]*([^`\s]*)[^`]*$")
 
 
@@ -203,7 +221,10 @@ class Api:
 
     PyGithub's own retry is off (`retry=0`): its default retries POST on 5xx and timeouts, which
     would create a second comment whenever the first one landed but its answer was lost. The
-    outbox retries instead, looking before it posts again."""
+    outbox retries instead, looking before it posts again.
+
+    Writes are paced here, not by PyGithub: its `seconds_between_writes` counts every non-GET as
+    a write, so each GraphQL query (a read, sent as POST /graphql) would cost a write slot too."""
 
     def __init__(self, settings: Settings):
         import github
@@ -215,10 +236,12 @@ class Api:
             timeout=q.github_timeout_seconds, retry=0, per_page=q.github_per_page,
             user_agent="reasoning-lab-bridge",
             seconds_between_requests=q.github_seconds_between_requests or None,
-            seconds_between_writes=q.github_seconds_between_writes or None, lazy=True)
+            seconds_between_writes=None, lazy=True)  # None: off (see `write`); left out, PyGithub paces 1 s
         self.repo = self.gh.get_repo(settings.repository)
         self.repo_path = f"/repos/{settings.repository}"
         self.requests = 0
+        self.writes = 0
+        self.last_write = 0.0  # when the last write ended (time.time())
         self.bot_login: str | None = None
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -228,11 +251,36 @@ class Api:
         except Exception as e:  # noqa: BLE001 - every failure is classified, none escapes raw
             raise classify(e, self.s.token) from None
 
+    def write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A request that changes something on GitHub, at least github_seconds_between_writes
+        after the previous one ended (GitHub asks for a second between writes)."""
+        wait = self.last_write + self.s.queue.github_seconds_between_writes - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        self.writes += 1
+        try:
+            return self.call(fn, *args, **kwargs)
+        finally:
+            self.last_write = time.time()
+
     @property
     def rate(self) -> tuple[int, int, int]:
         """(remaining, limit, reset epoch) as of the last response; (-1, -1, 0) before any."""
         remaining, limit = self.gh.requester.rate_limiting
         return remaining, limit, self.gh.requester.rate_limiting_resettime
+
+    def refresh_rate(self) -> tuple[int, int, int]:
+        """Ask GitHub for the rate limit now (GET /rate_limit, which costs none of it). The count
+        `rate` reports is the last response's: after a pause nothing else would refresh it."""
+        _, _, data = self.get("/rate_limit")
+        core = ((data or {}).get("resources") or {}).get("core") or (data or {}).get("rate") or {}
+        try:
+            remaining, limit, reset = int(core["remaining"]), int(core["limit"]), int(core["reset"])
+        except (KeyError, TypeError, ValueError):
+            raise Transient("GitHub's /rate_limit answer has no core limit") from None
+        self.gh.requester.rate_limiting = (remaining, limit)
+        self.gh.requester.rate_limiting_resettime = reset
+        return remaining, limit, reset
 
     def get(self, url: str, params: dict[str, Any] | None = None, etag: str | None = None
             ) -> tuple[int, dict[str, Any], Any]:
@@ -266,10 +314,10 @@ class Api:
         return items, first_etag
 
     def create_comment(self, issue: int, body: str) -> int:
-        return int(self.call(lambda: self.repo.get_issue(issue).create_comment(body).id))
+        return int(self.write(lambda: self.repo.get_issue(issue).create_comment(body).id))
 
     def edit_comment(self, issue: int, comment_id: int, body: str) -> None:
-        self.call(lambda: self.repo.get_issue(issue).get_comment(comment_id).edit(body))
+        self.write(lambda: self.repo.get_issue(issue).get_comment(comment_id).edit(body))
 
     def comments(self, issue: int) -> list[dict[str, Any]]:
         items, _ = self.get_all(f"{self.repo_path}/issues/{issue}/comments")
@@ -292,15 +340,29 @@ class Api:
                 return c
         return None
 
-    def add_labels(self, issue: int, names: list[str]) -> None:
-        self.call(lambda: self.repo.get_issue(issue).add_to_labels(*names))
+    def change_labels(self, issue: int, add: list[str], remove: list[str]) -> bool:
+        """Make `add` on and `remove` off `issue` in ONE write, keeping every other label (a
+        person's `ideas`, `bug`, ...); False when it already was so (nothing sent).
 
-    def remove_label(self, issue: int, name: str) -> None:
-        try:
-            self.call(lambda: self.repo.get_issue(issue).remove_from_labels(name))
-        except Permanent as e:
-            if e.status != 404:  # 404: the label was not there, which is what we wanted
-                raise
+        Adding only: POST, which adds atomically, so no label anyone sets meanwhile is lost.
+        Removing too: the labels as they are now, read after waiting for the write slot, then
+        PUT of the whole new set; a label changed in the few milliseconds between the two is
+        the one risk, and a smaller one than a POST plus a DELETE per label, each a second apart."""
+        if not remove:
+            self.write(lambda: self.repo.get_issue(issue).add_to_labels(*add))
+            return True
+        wait = self.last_write + self.s.queue.github_seconds_between_writes - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        have, _ = self.get_all(f"{self.repo_path}/issues/{issue}/labels")
+        names = [str(lab["name"]) for lab in have or []]
+        lower = {x.lower() for x in names}
+        drop = {x.lower() for x in remove}
+        if {x.lower() for x in add} <= lower and not (lower & drop):
+            return False
+        wanted = [x for x in names if x.lower() not in drop] + [x for x in add if x.lower() not in lower]
+        self.write(lambda: self.repo.get_issue(issue).set_labels(*wanted))
+        return True
 
     def role(self, login: str) -> str:
         """admin, maintain, write, triage, read or none (the collaborator permission endpoint)."""
@@ -349,10 +411,10 @@ class Api:
         for name, (color, description) in LABELS.items():
             lab = have.get(name)
             if lab is None:
-                self.call(self.repo.create_label, name, color, description)
+                self.write(self.repo.create_label, name, color, description)
                 action = "created"
             elif (lab.color or "").lower() != color or (lab.description or "") != description:
-                self.call(lab.edit, lab.name, color, description)
+                self.write(lab.edit, lab.name, color, description)
                 action = "updated"
             else:
                 action = "unchanged"
@@ -566,9 +628,10 @@ class Bridge:
 
     # --- one cycle ---------------------------------------------------------------------------
 
-    def cycle(self) -> dict[str, Any]:
+    def cycle(self, flush_budget_s: float | None = None) -> dict[str, Any]:
+        """One sync; `flush_budget_s` bounds the sending (None: send everything that is due)."""
         q = self.s.queue
-        start_requests = self.api.requests
+        start_requests, start_writes = self.api.requests, self.api.writes
         self.summary = {"repository": self.s.repository, "issues_read": 0, "submitted": [], "cancelled": [],
                         "answered": 0, "sent": 0, "failed": 0, "errors": []}
         if not self.outbox.acquire_lease(LEASE_ROLE, self.owner, q.github_lease_seconds,
@@ -585,18 +648,28 @@ class Bridge:
                 self.adopt_undecided()
                 self.read_issues()
                 self.reflect_jobs()
-                self.flush()
+                self.flush(flush_budget_s)
             except Stop as e:
                 self._pause(e)
         self.summary["requests"] = self.api.requests - start_requests
+        self.summary["writes"] = self.api.writes - start_writes
         remaining, limit, reset = self.api.rate
         self.summary["rate_remaining"] = remaining
         self.summary["outbox"] = self.outbox.counts()
+        # What `lab status` shows (status_summary): the daemon's poller has no other voice than its log.
+        if remaining < 0:  # no answer from GitHub in this process yet: the last figures still stand
+            last = self.outbox.get_state("status") or {}
+            remaining, limit, reset = last.get("remaining", -1), last.get("limit", -1), last.get("reset", 0)
+        self.outbox.set_state("status", {
+            "at": time.time(), "repository": self.s.repository, "remaining": remaining, "limit": limit,
+            "reset": reset, "requests": self.summary["requests"], "writes": self.summary["writes"],
+            "sent": self.summary["sent"], "errors": self.summary["errors"][-5:]})
         return self.summary
 
     def _pause(self, e: BridgeError) -> None:
         until = e.retry_at or time.time() + 60
         self.outbox.set_state("paused_until", until)
+        self.outbox.set_state("paused_because", str(e))
         self.summary["paused_until"] = render.iso(until)
         self._error(f"paused until {render.iso(until)}: {e}")
 
@@ -606,10 +679,20 @@ class Bridge:
         log.warning("%s", message)
 
     def _check_rate(self) -> None:
+        """Stop the cycle while fewer requests than the reserve are left. The count is the one the
+        last response carried: once its window has reset it is stale (and after a pause no
+        response came to refresh it), so ask GitHub, at no cost, before believing it."""
+        reserve = self.s.queue.github_rate_reserve
         remaining, _, reset = self.api.rate
-        if 0 <= remaining < self.s.queue.github_rate_reserve:
-            raise Stop(f"{remaining} requests left, below the reserve of {self.s.queue.github_rate_reserve}",
-                       retry_at=reset + 1 if reset else time.time() + 60)
+        if 0 <= remaining < reserve and reset <= time.time():
+            try:
+                remaining, _, reset = self.api.refresh_rate()
+            except (Transient, Permanent) as e:
+                raise Stop(f"cannot read the rate limit after its reset: {e}", e.status,
+                           retry_at=time.time() + 60) from None
+        if 0 <= remaining < reserve:
+            raise RateLimited(f"rate limit: {remaining} requests left, below the reserve of {reserve}",
+                              retry_at=reset + 1 if reset > time.time() else time.time() + 60)
 
     def _read(self, fn: Callable[[], Any]) -> Any:
         """A read, tried a few times within the cycle (reads are safe to repeat)."""
@@ -892,16 +975,18 @@ class Bridge:
 
     def reflect_jobs(self) -> None:
         latest: dict[int, dict[str, Any]] = {}
-        gpu_paused = self._gpu_lane_paused()
+        lanes_paused = self._lanes_paused()
         for job in self.outbox.jobs_to_report():
             n = int(job["issue"])
-            paused = gpu_paused if job["lane"] == "gpu" else None
+            paused = lanes_paused  # the disk guard holds both lanes
+            run = self.outbox.run_of_job(job["id"])
+            settle = STATUS_EDIT_SECONDS if job["status"] == "running" else 0.0  # its end goes at once
             self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
-                                    self.s.scrub(render.status_comment(job, paused, self.outbox.run_of_job(
-                                        job["id"]))), job_id=job["id"])
+                                    self.s.scrub(render.status_comment(job, paused, run)), job_id=job["id"],
+                                    min_edit_interval=settle)
             if job["status"] in FINAL:
                 self.outbox.put_comment(f"result:{job['id']}", "result", n, render.result_marker(job["id"]),
-                                        self.s.scrub(render.result_comment(job)), job_id=job["id"],
+                                        self.s.scrub(render.result_comment(job, run)), job_id=job["id"],
                                         source_at=job["finished_at"])
             latest[n] = job
         for n in latest:
@@ -910,16 +995,25 @@ class Bridge:
             add = [state] if state in STATE_LABELS else []
             self.outbox.put_labels(f"labels:{n}", n, add=add, remove=[], job_id=newest["id"])
 
-    def _gpu_lane_paused(self) -> str | None:
-        """Why a live daemon's GPU lane takes no new job (the disk guard), if one says so."""
+    def _lanes_paused(self) -> str | None:
+        """Why a live daemon takes no new job on either lane (the disk guard), if one says so."""
         q = self.s.queue
         alive = self.store.daemons(alive_within=max(3 * q.heartbeat_seconds, q.lease_seconds))
         return next((d["paused"] for d in alive if d.get("paused")), None)
 
     # --- outbox -> GitHub ----------------------------------------------------------------------
 
-    def flush(self) -> None:
-        for row in self.outbox.due():
+    def flush(self, budget_s: float | None = None) -> None:
+        """Send the due rows, what a person waits for first (see `_rank`), for at most
+        `budget_s` seconds: at one write a second, a burst of issues is a queue of writes."""
+        started = time.monotonic()
+        # Within a rank, job by job (a job's status comment, then its result), so that at one
+        # write a second the first jobs are answered while the later ones wait, not all at the end.
+        for row in sorted(self.outbox.due(), key=lambda r: (self._rank(r), r["job_id"] or 0, r["id"])):
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                break  # the rest is still due: the poller starts the next cycle at once
+            if row["kind"] == "result" and not self._status_posted(row["job_id"]):
+                continue  # "the result is in the comment below": the status comment comes first
             self._check_rate()
             try:
                 if row["op"] == "comment":
@@ -934,6 +1028,19 @@ class Bridge:
                 self._failed(row, e)
                 if e.status in (403, 429):  # a secondary rate limit: the next write would meet it too
                     break
+
+    @staticmethod
+    def _rank(row: dict[str, Any]) -> int:
+        """0: a new comment (a result, a job's first status, an answer), what a person waits
+        for; 1: an edit of a status comment, which says what the result below already says;
+        2: state labels, which only restate it."""
+        if row["op"] == "labels":
+            return 2
+        return 1 if row["kind"] == "status" and row["comment_id"] is not None else 0
+
+    def _status_posted(self, job_id: int | None) -> bool:
+        status = self.outbox.row(f"status:{job_id}")
+        return status is None or status["comment_id"] is not None or status["status"] != "pending"
 
     def _failed(self, row: dict[str, Any], e: BridgeError) -> None:
         q = self.s.queue
@@ -975,11 +1082,10 @@ class Bridge:
         self.outbox.mark_sent(row["id"], row["version"], comment_id)
 
     def _send_labels(self, row: dict[str, Any]) -> None:
-        self.outbox.begin_attempt(row["id"], creating=False)
-        if row["labels_add"]:
-            self.api.add_labels(row["issue"], list(row["labels_add"]))
-        for name in row["labels_remove"] or []:
-            self.api.remove_label(row["issue"], name)
+        add, remove = list(row["labels_add"] or []), list(row["labels_remove"] or [])
+        if add or remove:
+            self.outbox.begin_attempt(row["id"], creating=False)
+            self.api.change_labels(row["issue"], add, remove)  # one write, or none if already so
         self.outbox.mark_sent(row["id"], row["version"])
 
     def close(self) -> None:
@@ -1019,6 +1125,44 @@ def sync_labels(settings: Settings | None = None) -> list[dict[str, str]]:
         raise RuntimeError(str(e)) from None
 
 
+def status_summary(store: Store) -> dict[str, Any] | None:
+    """The bridge as `lab status` shows it: its last cycle, the rate limit then, a pause and why,
+    and the outbox rows it gave up on (which nothing else shows a person). None when no bridge
+    ever ran against this queue."""
+    outbox = Outbox(store)
+    last = outbox.get_state("status")
+    if not last:
+        return None
+    paused = outbox.get_state("paused_until", 0.0)
+    now = time.time()
+    gave_up = [{"key": r["key"], "issue": r["issue"], "kind": r["kind"], "job_id": r["job_id"],
+                "reason": f"gave up: {r['last_error'] or 'no error recorded'}",
+                "at": render.iso(r["updated_at"])} for r in outbox.dead()]
+    return {"repository": last.get("repository"), "last_sync": render.iso(last.get("at")),
+            "requests_left": last.get("remaining"), "rate_limit": last.get("limit"),
+            "rate_reset": render.iso(last.get("reset")) if last.get("reset") else None,
+            "paused_until": render.iso(paused) if paused > now else None,
+            "paused_because": outbox.get_state("paused_because") if paused > now else None,
+            "outbox": outbox.counts(), "gave_up": gave_up, "errors": last.get("errors") or []}
+
+
+def status_lines(b: dict[str, Any] | None) -> list[str]:
+    """status_summary as a few lines for a person (nothing when the bridge never ran)."""
+    if not b:
+        return []
+    n = b["requests_left"]
+    left = "unknown" if n is None or n < 0 else f"{n} of {b['rate_limit']}"
+    out = b["outbox"]
+    lines = [f"github: {b['repository']}, last sync {b['last_sync']}, {left} requests left, "
+             f"outbox {out.get('pending', 0)} pending, {out.get('dead', 0)} gave up"]
+    if b["paused_until"]:
+        why = b["paused_because"] or "no reason recorded"
+        lines.append(f"github: paused until {b['paused_until']}: {why}")
+    for d in b["gave_up"]:
+        lines.append(f"  {d['key']} (issue #{d['issue']}): {d['reason']}")
+    return lines
+
+
 class Poller(threading.Thread):
     """The daemon's GitHub thread: a cycle every poll interval (sooner when an outbox row is due)."""
 
@@ -1034,7 +1178,7 @@ class Poller(threading.Thread):
             bridge = Bridge(store, self.s)
             while not self.stopping.is_set():
                 try:
-                    summary = bridge.cycle()
+                    summary = bridge.cycle(FLUSH_SECONDS)
                     if summary["submitted"] or summary["cancelled"] or summary["sent"]:
                         self.say(self.s.scrub(
                             f"github: submitted {summary['submitted']}, cancelled {summary['cancelled']}, "
@@ -1076,4 +1220,4 @@ def maybe_start(db: str, say: Callable[[str], None] = print, env: Mapping[str, s
 
 
 __all__ = ["Settings", "Bridge", "Api", "sync_once", "sync_labels", "maybe_start", "Poller",
-           "parse_issue_spec", "SpecProblem", "LABELS"]
+           "parse_issue_spec", "SpecProblem", "LABELS", "status_summary", "status_lines"]

@@ -12,7 +12,8 @@ marker among the issue's comments before posting again.
 
 The other tables: `lab_github_runs` ((issue, spec hash) -> job: what was enqueued and why),
 `lab_github_issues` (per-issue cursors), `lab_github_state` (the issue list's ETag and
-watermark, a pause after a rate limit) and `lab_leases` (one bridge at a time). All are defined
+watermark, a pause after a rate limit and why, the last cycle's figures for `lab status`) and
+`lab_leases` (one bridge at a time). All are defined
 on `store.metadata`, so `Store.create_tables()` creates them.
 """
 
@@ -117,9 +118,13 @@ class Outbox:
     # --- queueing writes ---------------------------------------------------------------------
 
     def put_comment(self, key: str, kind: str, issue: int, marker: str, body: str,
-                    job_id: int | None = None, editable: bool = True, source_at: float | None = None) -> bool:
+                    job_id: int | None = None, editable: bool = True, source_at: float | None = None,
+                    min_edit_interval: float = 0.0) -> bool:
         """Want a comment `body` on `issue`. A new key -> a pending row; an existing editable
-        row whose body differs -> the new body, pending again; otherwise nothing. True if changed."""
+        row whose body differs -> the new body, pending again; otherwise nothing. True if changed.
+
+        `min_edit_interval`: an edit is due no sooner than this long after the last send. Bodies
+        that arrive meanwhile replace each other in the row, so GitHub gets only the latest."""
         t = now()
         with self.store.transaction() as c:
             row = c.execute(select(outbox).where(outbox.c.key == key)).mappings().first()
@@ -131,9 +136,12 @@ class Outbox:
                 return True
             if not editable or row["body"] == body:
                 return False
+            due = t
+            if min_edit_interval and row["sent_at"] is not None:
+                due = max(t, row["sent_at"] + min_edit_interval)
             c.execute(update(outbox).where(outbox.c.id == row["id"]).values(
                 body=body, source_at=source_at, version=row["version"] + 1, status="pending", attempts=0,
-                next_attempt_at=t, updated_at=t))
+                next_attempt_at=due, updated_at=t))
             return True
 
     def put_labels(self, key: str, issue: int, add: list[str], remove: list[str],
@@ -160,6 +168,17 @@ class Outbox:
                 labels_add=add, labels_remove=remove, version=row["version"] + 1, status="pending",
                 attempts=0, next_attempt_at=t, updated_at=t, job_id=job_id))
             return True
+
+    def row(self, key: str) -> dict[str, Any] | None:
+        with self.store.reading() as c:
+            found = c.execute(select(outbox).where(outbox.c.key == key)).mappings().first()
+        return dict(found) if found else None
+
+    def dead(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Rows the sender gave up on (a 404, a 422, too many attempts), newest first."""
+        q = select(outbox).where(outbox.c.status == "dead").order_by(outbox.c.updated_at.desc()).limit(limit)
+        with self.store.reading() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
 
     def has(self, key: str) -> bool:
         with self.store.reading() as c:

@@ -276,8 +276,10 @@ def status_comment(job: dict[str, Any], lane_paused: str | None = None,
         if metrics:  # the job names its metrics: a plain string, so cell() escapes it
             rows.append(["latest", ", ".join(f"{k} = {number(v)}" for k, v in list(metrics.items())[:6])])
     if job.get("attempts"):
-        rows.append(["attempt", Markdown(f"{job['attempts']} of {job.get('max_attempts', '?')}"
-                                         + (f" on host `{job['host']}`" if job.get("host") else ""))])
+        # "1 of 3" is true while it runs (an expired lease requeues it); once it ended it is final
+        count = (f"{job['attempts']}" if status in _ENDED
+                 else f"{job['attempts']} of {job.get('max_attempts', '?')}")
+        rows.append(["attempt", Markdown(count + (f" on host `{job['host']}`" if job.get("host") else ""))])
     if approval:
         how = {"spec": "the lane label", "rerun": "`/rerun`", "run": "`/run`"}.get(
             approval.get("reason") or "", "the lab")
@@ -291,15 +293,30 @@ def status_comment(job: dict[str, Any], lane_paused: str | None = None,
     if job.get("cancel_requested") and status == "running":
         rows.append(["cancel", f"requested: {job.get('cancel_reason') or ''}"])  # free text: escaped
     lines += [table(["", ""], rows), ""]
-    if status in ("succeeded", "failed", "cancelled"):
+    if status in ("failed", "cancelled"):
+        lines.append(f"Finished **{status}**, not retried: the result is in the comment below. "
+                     + _again(jid, approval))
+    elif status == "succeeded":
         lines.append(f"Finished **{status}**: the result is in the comment below.")
     else:
         lines.append(f"Follow it: `lab logs {jid} --follow` · `lab show {jid}`")
     return fit(_sealed(lines[0] + "\n", "\n".join(lines[1:])))
 
 
-def result_comment(job: dict[str, Any]) -> str:
-    """The one result comment of a finished job."""
+_ENDED = ("succeeded", "failed", "cancelled")
+
+
+def _again(job_id: int, approval: dict[str, Any] | None) -> str:
+    """How a person runs an ended job again: a job from an issue's spec by `/rerun`; one
+    submitted from the command line (linked with --issue) has no spec there to rerun."""
+    if approval:
+        return "To run this spec again, someone with write access comments `/rerun` on this issue."
+    return f"To run it again: `lab retry {int(job_id)}` on the lab's machine."
+
+
+def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None) -> str:
+    """The one result comment of a finished job. `approval`: the bridge's run row when the job
+    came from the issue's spec (then `/rerun` runs it again)."""
     jid, status = job["id"], job["status"]
     run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
     took = None
@@ -343,6 +360,8 @@ def result_comment(job: dict[str, Any]) -> str:
         exit_code = job.get("exit_code")
         parts.append(f"**Reason:** {untrusted(reason, 300, code=False)}"
                      + (f" (exit code {exit_code})" if exit_code is not None else ""))
+        # The truth about what comes next: a failed or cancelled job is final, nothing retries it.
+        parts.append(f"**Next:** not retried (a {status} job is final). {_again(jid, approval)}")
         log = run_dir / "log.txt" if run_dir else None
         if log is not None and log.is_file():
             parts.append(f"**Log tail** (`{log}`)\n\n" + code_block(tail(log.read_text(errors="replace"))))

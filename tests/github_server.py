@@ -6,7 +6,8 @@ the authenticated user (`/user`), the repository, issues (pull requests included
 its actor), collaborator permission and `/rate_limit`. Lists paginate with `per_page`/`page`
 and `Link` headers; GETs carry an ETag and answer `If-None-Match` with 304 (which, as on GitHub,
 costs no rate limit); every response carries the `X-RateLimit-*` headers and an exhausted budget
-answers 403 "API rate limit exceeded".
+answers 403 "API rate limit exceeded". `GET /rate_limit` is free, as on GitHub, and answers even
+when the budget is spent. `PUT .../issues/N/labels` sets an issue's whole label set.
 
 Faults on demand: with probability `fault_rate` a request fails as one of `fault_kinds`:
   error              5xx before anything is applied
@@ -366,7 +367,8 @@ class FakeGitHub:
             if fault == "secondary_rate":
                 raise ApiError(403, "You have exceeded a secondary rate limit. Please wait a few minutes "
                                "before you try again.", {"Retry-After": str(self.retry_after)})
-            self._spend_rate(method, headers)
+            if path != "/rate_limit":  # as on GitHub, asking for the rate limit costs none of it
+                self._spend_rate(method, headers)
             hold = self._match_hold(method, path, body)
             if hold and not hold.after_apply:
                 self._park(hold)  # then drop it: the client is gone before anything was applied
@@ -421,11 +423,16 @@ class FakeGitHub:
         hold.reached.set()
         hold.released.wait(60)
 
-    def _spend_rate(self, method: str, headers: dict[str, str]) -> None:
+    def _roll_window(self) -> None:
+        """A new window once the reset time has passed: the full budget again."""
         with self.lock:
             now = time.time()
             if now >= self.rate_reset:
                 self.rate_remaining, self.rate_reset = self.rate_limit, now + self.rate_window_s
+
+    def _spend_rate(self, method: str, headers: dict[str, str]) -> None:
+        with self.lock:
+            self._roll_window()
             if self.rate_remaining <= 0:
                 raise ApiError(403, "API rate limit exceeded for user ID 1. If you reach out to GitHub "
                                "Support for help, please include the request ID.",
@@ -455,6 +462,7 @@ class FakeGitHub:
             if path == "/graphql" and method == "POST":
                 return self._graphql(data)
             if path == "/rate_limit" and method == "GET":
+                self._roll_window()
                 core = {"limit": self.rate_limit, "remaining": self.rate_remaining,
                         "reset": int(self.rate_reset) + 1, "used": self.rate_limit - self.rate_remaining,
                         "resource": "core"}

@@ -484,6 +484,111 @@ def test_rate_limit_pauses_the_bridge_until_reset(world: World, monkeypatch: pyt
     assert min(r.at for r in gh.requests[asked:]) >= reset  # nothing asked before the reset
 
 
+def test_a_spent_rate_limit_pauses_the_poller_and_it_resumes_after_the_reset(world: World) -> None:
+    """The default reserve (200): GitHub answers 403 with X-RateLimit-Remaining 0 and a reset 3 s
+    ahead. The count the bridge last saw stays 0 after the reset; it must ask GET /rate_limit
+    (free) instead of pausing until a time already past, forever, as it used to."""
+    gh = world.gh
+    gh.rate_remaining, gh.rate_reset = 0, time.time() + 3.0  # spent; the window ends in 3 s
+    reset = int(gh.rate_reset) + 1  # what X-RateLimit-Reset says
+    issues = [gh.open_issue(f"rate {i}", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
+              for i in range(3)]
+    world.daemon(with_github=True, LAB_GITHUB_POLL="1")
+
+    def answered() -> bool:
+        jobs = world.jobs()
+        return len(jobs) == len(issues) and world.reported([j["id"] for j in jobs])
+
+    wait_for(answered, 30, "every result after the reset")
+    results = [c for n in issues for c in world.comments(n, "<!-- lab:result ")]
+    assert len(results) == len(issues)
+    posted = max(gh.comments[c["id"]]["created_at"] for c in results)
+    print(f"\nthe last result came {posted - reset:.1f} s after the reset")
+    assert posted < reset + 10, f"the last result came {posted - reset:.1f} s after the reset"
+    early = [r for r in gh.requests if r.at < reset]
+    assert early and all(r.status == 403 or r.path == "/rate_limit" for r in early)  # paused meanwhile
+    assert gh.count("GET", r"^/rate_limit$") >= 1
+    log = (world.tmp / "daemon-0.log").read_text()
+    world.outputs.append(log)
+    assert log.count("paused until") <= 2, log
+
+
+# --- GitHub's pace: few writes per job ---------------------------------------------------------
+
+
+def _writes(gh: FakeGitHub, since: int = 0) -> list[str]:
+    """The REST writes after request `since`, as `METHOD /shape` (GraphQL queries are reads)."""
+    out = []
+    for r in gh.requests[since:]:
+        if r.method != "GET" and r.path != "/graphql":
+            out.append(f"{r.method} " + re.sub(r"/\d+", "/N", r.path.split(gh.repo, 1)[-1]))
+    return sorted(out)
+
+
+def test_a_label_change_is_one_request_that_keeps_peoples_labels(world: World) -> None:
+    """queued -> running -> succeeded, all between two syncs: one label write (a PUT of the full
+    set, the person's labels kept), one status edit, one result comment."""
+    gh = world.gh
+    n = gh.open_issue("few writes", spec_body('kind = "sleep"\nseconds = 0.3'), ("cpu", "ideas"),
+                      user="alice")
+    world.sync()
+    assert _writes(gh) == ["POST /issues/N/comments", "POST /issues/N/labels"]  # status comment, `queued`
+    gh.label(n, "bug", actor="alice")  # a person's label, set after the bridge last read the issue
+    job = world.jobs(n)[0]
+    world.daemon()
+    wait_for(lambda: world.store.get(job["id"])["status"] in FINAL, 20, "the job to end")
+    before = len(gh.requests)
+    world.sync_until(lambda: world.reported([job["id"]]), 20, "the result")
+    world.sync()
+    assert _writes(gh, before) == ["PATCH /issues/comments/N", "POST /issues/N/comments",
+                                   "PUT /issues/N/labels"]
+    assert sorted(gh.labels_on(n)) == ["bug", "cpu", "ideas", "succeeded"]
+    assert gh.count("DELETE") == 0
+    quiet = len(gh.requests)
+    world.sync()
+    assert _writes(gh, quiet) == []  # no write that changes nothing
+
+
+def test_a_running_jobs_status_comment_is_edited_at_most_once_per_interval(world: World) -> None:
+    """A sleep reports progress ten times; polled every 0.1 s, its status comment used to be
+    edited for each step. Now: the running state waits STATUS_EDIT_SECONDS after the last edit,
+    and the end goes at once."""
+    gh = world.gh
+    n = gh.open_issue("progress", spec_body('kind = "sleep"\nseconds = 3'), ("cpu",), user="alice")
+    world.sync()
+    job = world.jobs(n)[0]
+    [status] = world.comments(n, render.status_marker(job["id"]))
+    world.daemon()
+    world.sync_until(lambda: world.reported([job["id"]]), 30, "the result")
+    edits = gh.count("PATCH", rf"/issues/comments/{status['id']}$")
+    # the end, and a running state only if the job outlasted an interval (a slow machine)
+    took = time.time() - gh.comments[status["id"]]["created_at"]
+    assert edits <= 1 + int(took // github.STATUS_EDIT_SECONDS), f"{edits} edits in {took:.1f} s"
+    assert "succeeded" in world.comments(n, render.status_marker(job["id"]))[0]["body"]
+
+
+def test_results_go_before_labels_and_status_edits_at_githubs_pace(world: World,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default pace (one write a second): a job's result waits for its status comment only,
+    not for every other job's labels and edits; GraphQL reads are not paced as writes."""
+    monkeypatch.setenv("LAB_QUEUE_GITHUB_SECONDS_BETWEEN_WRITES", "0.25")
+    gh = world.gh
+    issues = [gh.open_issue(f"pace {i}", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
+              for i in range(4)]
+    world.sync()  # four status comments (queued) and four `queued` labels
+    world.daemon()
+    wait_for(lambda: all(j["status"] in FINAL for j in world.jobs()), 20, "the jobs to end")
+    before = len(gh.requests)
+    world.sync()
+    kinds = ["label" if r.path.endswith("/labels") else "edit" if r.method == "PATCH" else "post"
+             for r in gh.requests[before:] if r.method != "GET" and r.path != "/graphql"]
+    assert kinds == ["post"] * 4 + ["edit"] * 4 + ["label"] * 4, kinds  # results first, labels last
+    ids = [j["id"] for j in world.jobs()]
+    assert world.reported(ids) and all(len(world.comments(n, "lab:result")) == 1 for n in issues)
+    graphql = [r.at for r in gh.requests if r.path == "/graphql"]
+    assert max(graphql) - min(graphql) < 0.5  # four reads, not four write slots
+
+
 # --- wiring, labels, token --------------------------------------------------------------------
 
 
@@ -524,6 +629,38 @@ def test_labels_sync_creates_and_updates_every_label(world: World) -> None:
         assert gh.labels[name]["color"] == color and gh.labels[name]["description"] == description
     second = world.lab("labels", "sync", "--json")
     assert {x["action"] for x in json.loads(second.stdout)} == {"unchanged"}
+
+
+def test_lab_status_shows_the_bridge_its_pause_and_the_rows_it_gave_up_on(world: World) -> None:
+    gh = world.gh
+    never = world.lab("status", "--json")
+    assert never.returncode == 0 and "bridge" not in json.loads(never.stdout)  # it never ran here
+    n = gh.open_issue("gone", spec_body('kind = "sleep"\nseconds = 60'), ("cpu",), user="alice")
+    world.sync()
+    job = world.jobs(n)[0]
+    [status] = world.comments(n, render.status_marker(job["id"]))
+    del gh.comments[status["id"]]  # a person deleted the status comment: its edit answers 404
+    world.store.cancel(job["id"], "no longer wanted")
+    world.sync()
+    out = world.lab("status", "--json")
+    assert out.returncode == 0, out.stderr
+    bridge = json.loads(out.stdout)["bridge"]
+    assert bridge["repository"] == gh.repo and bridge["last_sync"] and bridge["paused_until"] is None
+    assert 0 < bridge["requests_left"] <= 5000 and bridge["rate_limit"] == 5000
+    [dead] = bridge["gave_up"]
+    assert dead["key"] == f"status:{job['id']}" and dead["issue"] == n
+    assert dead["reason"].startswith("gave up: GitHub answered 404"), dead
+    text = world.lab("status")
+    assert text.returncode == 0 and "gave up: GitHub answered 404" in text.stdout, text.stdout
+    assert f"status:{job['id']}" in text.stdout and "last sync" in text.stdout
+    # the rate limit spent: the pause and its reason are shown
+    gh.rate_remaining, gh.rate_reset = 0, time.time() + 600
+    gh.edit_body(n, spec_body('kind = "sleep"\nseconds = 0.1'))
+    world.sync()
+    bridge = json.loads(world.lab("status", "--json").stdout)["bridge"]
+    assert bridge["paused_until"] and "rate limit" in bridge["paused_because"], bridge
+    text = world.lab("status").stdout
+    assert "paused until" in text and "rate limit" in text, text
 
 
 def test_token_never_leaks_from_errors(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -596,6 +733,26 @@ def test_status_comment_shows_progress_eta_and_latest_metric() -> None:
     blocked = render.status_comment(_job(status="blocked", held="issue #3 has the `blocked` label",
                                          finished_at=None, attempts=0))
     assert "blocked" in blocked and "issue #3 has the `blocked` label" in blocked
+
+
+def test_a_failure_says_it_is_final_and_how_to_run_it_again() -> None:
+    """A failed job is not retried (only an expired lease is): its comments must not read
+    "attempt 1 of 3" as if two more were coming, and they name `/rerun`."""
+    approval = {"spec_hash": "0123456789abcdef", "reason": "spec", "actor": "alice"}
+    failed = _job(status="failed", error="boom", exit_code=1, attempts=1, max_attempts=3)
+    for body in (render.result_comment(failed, approval), render.status_comment(failed, None, approval)):
+        assert "1 of 3" not in body, body
+        assert "not retried" in body and "`/rerun`" in body, body
+    cancelled = render.result_comment(_job(status="cancelled", error="issue #3 was closed"), approval)
+    assert "not retried" in cancelled and "`/rerun`" in cancelled
+    # a job from the command line has no spec on its issue to rerun: `lab retry` says how
+    cli = render.result_comment(failed)
+    assert "`/rerun`" not in cli and "`lab retry 7`" in cli
+    # while it runs, the attempt count is true: an expired lease does requeue it
+    running = render.status_comment(_job(status="running", finished_at=None, attempts=1, max_attempts=3))
+    assert "1 of 3" in running
+    succeeded = render.result_comment(_job(), approval)
+    assert "not retried" not in succeeded
 
 
 def test_disk_guard_is_said_on_the_issue_of_the_waiting_gpu_job(world: World) -> None:
