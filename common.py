@@ -11,10 +11,12 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 import threading
+import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,3 +241,48 @@ def is_dumpable() -> bool | None:
     if not sys.platform.startswith("linux"):
         return None
     return _prctl(_PR_GET_DUMPABLE) == 1
+
+
+# --- markdown from outside: shown, never interpreted --------------------------------------------
+# The choice: a plain value (none of the characters below) is a code span, since nothing inside
+# `...` is markdown, HTML or a mention. Anything else is escaped text: `&` `<` `>` become entities
+# (no tag, no `<!--` even in the raw body, where the bridge looks for its markers) and the
+# markdown punctuation that acts inline gets a backslash (backticks too, so no span opens or
+# closes); as code it sits in <code>...</code>, which renders like the span and, unlike a span,
+# decodes those escapes. An @ GitHub would read as a mention (at the start or after a non-word
+# character) gets a zero-width joiner: the name reads, nobody is pinged. Line breaks and other
+# control characters become spaces, so no value starts a line (a heading, a row, a fence).
+_NOT_PLAIN = frozenset("`<>&|\\")
+_BACKSLASHED = frozenset("\\`*[]|~$")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_ALNUM = _WORD - {"_"}
+ZWJ = "\u200d"
+
+
+def md_untrusted(text: object, code: bool = True) -> str:
+    """`text` from outside the lab, safe anywhere inline in markdown (a table cell too).
+    code=True: shown as code (the way names and values are shown); code=False: as prose."""
+    s = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in str(text))
+    if code and s and not _NOT_PLAIN.intersection(s):
+        return f"`{s}`"
+    out = []
+    for i, c in enumerate(s):
+        before, after = s[i - 1] if i else "", s[i + 1] if i + 1 < len(s) else ""
+        if c in _ENTITIES:
+            out.append(_ENTITIES[c])
+        elif c in _BACKSLASHED or (c == "_" and not (before in _ALNUM and after in _ALNUM)):
+            out.append("\\" + c)  # an underscore inside a word never emphasises: left as it is
+        elif c == "@" and before not in _WORD:
+            out.append("@" + ZWJ)
+        else:
+            out.append(c)
+    escaped = "".join(out)
+    return f"<code>{escaped}</code>" if code else escaped
+
+
+def md_fence(text: str, lang: str = "") -> str:
+    """`text` fenced with more backticks than any run inside it: no line of it can close the block."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"

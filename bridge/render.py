@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from pathlib import Path
 from typing import Any
 
+import common
 import config
 from store import iso
 
@@ -58,47 +58,16 @@ def key_marker(key: str) -> str:
 
 # --- text from outside ------------------------------------------------------------------------
 
-# How untrusted text is shown. The choice: a plain value (no character below) stays a code span,
-# exactly as before, since nothing inside `...` is markdown, HTML or a mention. Anything else is
-# escaped text: `&` `<` `>` become entities (so no tag, no `<!--` even in the raw body, where the
-# bridge looks for markers) and the markdown punctuation that acts inline gets a backslash
-# (backticks included, so no span opens or closes); with code=True it sits in <code>...</code>,
-# which renders like the span and, unlike a span, decodes those escapes (inside backticks
-# `&lt;` would show as typed). An @ that GitHub would read as a mention (at the start or after a
-# non-word character) gets a zero-width joiner: the name still reads, nobody is pinged. Line
-# breaks and other control characters become spaces, so no value starts a line (no heading, no
-# list, no table row, no fence), and values are cut to `limit` characters with an ellipsis.
-_NOT_PLAIN = re.compile(r"[`<>&|\\]")
-_BACKSLASHED = frozenset("\\`*[]|~$")
-_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
-_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_ALNUM = _WORD - {"_"}
-ZWJ = "\u200d"
+ZWJ = common.ZWJ
 
 
 def untrusted(text: object, limit: int = 200, code: bool = True) -> str:
-    """`text` from outside the bot, safe to put anywhere inline in a comment (a table cell too).
-    code=True: shown as code (the way field names and values are shown); code=False: as prose."""
+    """`text` from outside the bot, safe to put anywhere inline in a comment (a table cell too):
+    common.md_untrusted's rule, cut to `limit` characters with an ellipsis."""
     raw = str(text)
     raw = raw if len(raw) <= limit else raw[: max(0, limit - 1)] + "…"
-    s = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in raw)
-    if not s:
-        return "(empty)"
-    if code and not _NOT_PLAIN.search(s):
-        return f"`{s}`"
-    out = []
-    for i, c in enumerate(s):
-        before, after = s[i - 1] if i else "", s[i + 1] if i + 1 < len(s) else ""
-        if c in _ENTITIES:
-            out.append(_ENTITIES[c])
-        elif c in _BACKSLASHED or (c == "_" and not (before in _ALNUM and after in _ALNUM)):
-            out.append("\\" + c)  # an underscore inside a word never emphasises: left as it is
-        elif c == "@" and before not in _WORD:
-            out.append("@" + ZWJ)
-        else:
-            out.append(c)
-    escaped = "".join(out)
-    return f"<code>{escaped}</code>" if code else escaped
+    shown = common.md_untrusted(raw, code=code)
+    return "(empty)" if shown in ("", "<code></code>") else shown
 
 
 def defuse(text: str) -> str:
@@ -158,10 +127,8 @@ def cell(v: Any) -> str:
 
 
 def code_block(text: str, lang: str = "") -> str:
-    """Fence `text` with more backticks than any run inside it, so a log cannot break out."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+    """Fence `text` so a log cannot break out (common.md_fence)."""
+    return common.md_fence(text, lang)
 
 
 def table(headers: list[str], rows: list[list[Any]], max_rows: int = TABLE_ROWS) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import config
-from common import utc_now
+from common import md_fence, md_untrusted, utc_now
 from records import archive
 from store import ACTIVE
 
@@ -408,43 +408,21 @@ def config_differences(configs: list[dict[str, Any]]) -> list[tuple[str, list[st
 # Names and values in a finding come from an ablation record: arm and task names, the primary
 # cell, the verdict line and the spec's own values (`why`, ...), all written by whoever wrote the
 # spec (an issue, maybe) and, in records older than the harness's name check, not even plain
-# names. None is trusted to be markdown. The rule is that of bridge/render.untrusted (not imported:
-# the bridge sits above records): a plain value is a code span; anything else is escaped text
-# (`&` `<` `>` as entities, the inline markdown punctuation backslashed), in <code> where a code
-# span was meant; line breaks become spaces, so no value starts a line (a heading, a row, a fence).
-_NOT_PLAIN = re.compile(r"[`<>&|\\]")
-_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
-_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-
-
-def _one_line(v: Any) -> str:
-    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", str(v))
+# names. None is trusted to be markdown: the rule is common.md_untrusted's, as in the bridge.
 
 
 def _text(v: Any) -> str:
     """A record's value as escaped prose (a table cell too: `|` is escaped)."""
-    s = _one_line(v)
-    out = []
-    for i, c in enumerate(s):
-        if c in _ENTITIES:
-            out.append(_ENTITIES[c])
-        elif c in "\\`*[]|~$" or (c == "_" and not (s[i - 1:i] in _ALNUM and s[i + 1:i + 2] in _ALNUM)):
-            out.append("\\" + c)  # an underscore inside a word never emphasises: left as it is
-        else:
-            out.append(c)
-    return "".join(out)
+    return md_untrusted(v, code=False)
 
 
 def _code(v: Any) -> str:
     """A record's value shown as code: a code span when plain, else escaped text in <code>."""
-    s = _one_line(v)
-    return f"`{s}`" if s and not _NOT_PLAIN.search(s) else f"<code>{_text(s)}</code>"
+    return md_untrusted(v, code=True)
 
 
 def _fence(text: str, lang: str) -> list[str]:
-    """`text` fenced with more backticks than any run inside it: no line of it can close the block."""
-    fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
-    return [fence + lang, text.rstrip(), fence]
+    return md_fence(text, lang).split("\n")
 
 
 def _sh_quote(arg: str) -> str:
