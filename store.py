@@ -435,14 +435,12 @@ class Store:
                                                 jobs.c.lease_expires_at < t)).mappings().all()
             for r in rows:
                 why = f"lease of {r['lease_owner']} on {r['host']} expired (attempt {r['attempts']})"
-                if r["cancel_requested"]:
-                    values: dict[str, Any] = dict(status="cancelled", finished_at=t,
-                                                  error=r["cancel_reason"] or "cancelled")
-                elif r["attempts"] >= r["max_attempts"]:
-                    values = dict(status="failed", finished_at=t,
-                                  error=f"{why}; gave up after {r['attempts']} attempts")
-                else:
-                    values = dict(status="queued", lease_owner=None, pid=None, started_at=None)
+                status = next_after_attempt(r["attempts"], r["max_attempts"], r["cancel_requested"])
+                values: dict[str, Any] = dict(status=status, **_attempt_end(status, t))
+                if status == "cancelled":
+                    values["error"] = r["cancel_reason"] or "cancelled"
+                elif status == "failed":
+                    values["error"] = f"{why}; gave up after {r['attempts']} attempts"
                 n = c.execute(update(jobs).where(jobs.c.id == r["id"], jobs.c.status == "running",
                                                  jobs.c.attempts == r["attempts"])
                               .values(updated_at=t, lease_expires_at=None, **values)).rowcount
@@ -586,17 +584,11 @@ class Store:
             if row is None:
                 return None
             max_attempts, cancel_requested, cancel_reason = row
-            values: dict[str, Any]
-            if cancel_requested:
-                status, why = "cancelled", f"{reason}; cancelled: {cancel_reason or 'by request'}"
-                values = dict(finished_at=t)
-            elif attempt >= max_attempts:
-                status = "failed"
-                why = f"{reason}; failed after {attempt} attempt{'' if attempt == 1 else 's'}"
-                values = dict(finished_at=t)
-            else:
-                status, why = "queued", f"{reason}; requeued (attempt {attempt + 1} of {max_attempts})"
-                values = dict(lease_owner=None, pid=None, started_at=None)
+            status = next_after_attempt(attempt, max_attempts, cancel_requested)
+            values = _attempt_end(status, t)
+            why = {"cancelled": f"{reason}; cancelled: {cancel_reason or 'by request'}",
+                   "failed": f"{reason}; failed after {attempt} attempt{'' if attempt == 1 else 's'}",
+                   "queued": f"{reason}; requeued (attempt {attempt + 1} of {max_attempts})"}[status]
             n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
                 status=status, exit_code=exit_code, error=why, updated_at=t, lease_expires_at=None,
                 **values)).rowcount
@@ -604,6 +596,23 @@ class Store:
                 return None
             self._event(c, job_id, "requeued" if status == "queued" else status, why)
         return status
+
+
+def next_after_attempt(attempt: int, max_attempts: int, cancel_requested: bool) -> str:
+    """The one retry policy for an attempt that ended without an outcome of its own (an expired
+    lease, a signal the lab did not send, a job that stopped itself): cancelled if asked,
+    failed once the attempts are spent, else queued again."""
+    if cancel_requested:
+        return "cancelled"
+    return "failed" if attempt >= max_attempts else "queued"
+
+
+def _attempt_end(status: str, t: float) -> dict[str, Any]:
+    """What that end sets on the row besides its status: a final one its finish time; a requeue
+    frees the job for the next claim."""
+    if status == "queued":
+        return {"lease_owner": None, "pid": None, "started_at": None}
+    return {"finished_at": t}
 
 
 _TIMES = ("created_at", "updated_at", "claimed_at", "started_at", "finished_at", "heartbeat_at",

@@ -997,8 +997,9 @@ class Bridge:
 
     def _lanes_paused(self) -> str | None:
         """Why a live daemon takes no new job on either lane (the disk guard), if one says so."""
-        q = self.s.queue
-        alive = self.store.daemons(alive_within=max(3 * q.heartbeat_seconds, q.lease_seconds))
+        from daemon.service import alive_window
+
+        alive = self.store.daemons(alive_within=alive_window(self.s.queue))
         return next((d["paused"] for d in alive if d.get("paused")), None)
 
     # --- outbox -> GitHub ----------------------------------------------------------------------
