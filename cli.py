@@ -217,30 +217,38 @@ def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str,
 @main.command("tokenize")
 @click.argument("src", nargs=-1, required=True)
 @click.option("--name", required=True, help="Dataset name: $LAB_RUNS/data/NAME")
+@click.option("--field", "text_field", default="text", show_default=True,
+              help="The JSON key (.jsonl) or column (.parquet) that holds the text")
+@click.option("--force", is_flag=True, help="Replace an existing dataset NAME (once the new one is complete)")
 @json_option
-def tokenize_cmd(src: tuple[str, ...], name: str, as_json: bool) -> None:
-    """Tokenize text files (r50k_base) into uint16 shards under $LAB_RUNS/data/NAME with a
-    meta.json (token and byte counts, sha256 per shard). Each file is one document.
+def tokenize_cmd(src: tuple[str, ...], name: str, text_field: str, force: bool, as_json: bool) -> None:
+    """Tokenize files (r50k_base) into uint16 shards under $LAB_RUNS/data/NAME with a meta.json
+    (token and byte counts, sha256 per shard and source). A .txt or .md file is one document; a
+    .jsonl line (a JSON object) or a .parquet row is one, its text in --field. Files are
+    streamed, so a corpus may be far larger than memory; progress goes to stderr.
 
     \b
-    The texts must lie in the checkout's data/ (or models/assets/): a dataset is readable by
-    every user of the runs directory, so no dotfile, no file outside the checkout.
+    The files must lie in the checkout's data/ (or models/assets/): a dataset is readable by
+    every user of the runs directory, so no dotfile, no file outside the checkout. An existing
+    dataset NAME is refused unless --force (it is replaced only once the new one is complete).
 
     \b
     Example:
       lab tokenize data/books/*.txt --name books
+      lab tokenize data/web/part-*.parquet --field content --name web --force
       lab train --data books --preset tiny
     """
     import jobs
     from jobs.paths import check_spec_paths
 
-    values = {"src": list(src), "name": name}
+    values = {"src": list(src), "name": name, "text_field": text_field, "force": force}
     check_spec_paths("tokenize", values)  # the agent may run this one in the foreground
     spec = jobs.parse_spec("tokenize", values)
     with _foreground("tokenize", "cpu") as ctx:
         result = jobs.get_kind("tokenize").run(spec, ctx)
     emit(result, as_json,
-         lambda r: f"{r['name']}: {r['tokens']:,} tokens, {r['shards']} shard(s) at {r['dir']}")
+         lambda r: f"{r['name']}: {r['tokens']:,} tokens, {r['documents']:,} document(s), "
+                   f"{r['shards']} shard(s) at {r['dir']}")
 
 
 @main.command("eval")
@@ -339,6 +347,11 @@ def _job_text(j: dict[str, Any]) -> str:
     for key in ("spec", "priority", "after", "issue", "want_host", "host", "run_dir", "created_at",
                 "started_at", "finished_at", "attempts", "exit_code", "error", "earned_by", "force_reason",
                 "progress", "result"):
+        if key == "spec" and j.get("cost"):
+            lines.append(f"  cost: {_cost_text(j['cost'])}")
+        if key == "spec" and j.get("pipeline"):
+            pl = j["pipeline"]
+            lines.append(f"  pipeline: {pl['id']}, stage {pl['stage']} ({pl['role']}, round {pl['round']})")
         if j.get(key) not in (None, {}, ""):
             value = json.dumps(j[key], default=str) if isinstance(j[key], dict) else j[key]
             lines.append(f"  {key}: {value}")
@@ -371,6 +384,8 @@ def _status_text(s: dict[str, Any]) -> str:
                      + (f" — PAUSED: {info['paused']}" if info["paused"] else ""))
     disk = s["disk"]
     lines.append(f"disk: {disk['free_gb']} GB free under {disk['path']} (min {disk['min_free_gb']:g} GB)")
+    for p in s.get("pipelines") or []:
+        lines.append(_pipeline_line(p))
     for j in s["jobs"]:
         lines.append(f"  {j['id']:>5} {j['kind']:<9} {j['lane']:<3} {j['status']:<9}"
                      f"{_progress_text(j['progress'])}{'  ' + j['error'] if j.get('error') else ''}")
@@ -439,23 +454,147 @@ def daemon_cmd(cpu_workers: int | None, lanes: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Skip the earned-run gate (needs --reason).")
 @click.option("--reason", default=None, help="Why the gate is forced (recorded with the job).")
 @click.option("--host", default=None, help="Only this host (LAB_HOST) may run it.")
+@click.option("--spec", "spec_file", default=None, metavar="FILE.toml",
+              help="The spec's keys from a TOML file (--set overrides them); an idea's whole spec.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate and show what would be queued (spec, lane, cost, the gate); queue nothing.")
 @json_option
 def submit_cmd(kind: str, lane: str | None, sets: tuple[str, ...], after: str | None, priority: int,
                timeout_s: float | None, issue: int | None, earned_by: str | None, force: bool,
-               reason: str | None, host: str | None, as_json: bool) -> None:
+               reason: str | None, host: str | None, spec_file: str | None, dry_run: bool,
+               as_json: bool) -> None:
     """Queue a job; works with no daemon running (it waits in the queue).
 
-    Example: lab submit sleep --lane cpu --set seconds=2 --json
+    A GPU job whose compute estimate (training FLOPs, or its wall-clock budget) reaches the
+    full-run threshold (config GATE) is a full run, whatever its kind: it needs --earned-by, an
+    ablation whose tested arm made the same change with verdict better. `lab submit idea --spec
+    idea.toml` queues an idea's whole pipeline: smoke, then ablation, then the full run only if
+    the ablation earned it (`lab pipeline` follows it).
+
+    Examples:
+
+      lab submit sleep --lane cpu --set seconds=2 --json
+
+      lab submit ablation --lane cpu --set spec_file=harness/specs/khop_default.toml --dry-run
+
+      lab submit idea --spec idea.toml --lane cpu
     """
     from config import parse_assignments
     from daemon import service
 
-    job = service.submit(kind, parse_assignments(sets), lane=lane, after=_int_or_none(after, "--after"),
+    values = _spec_file_values(spec_file) if spec_file else {}
+    values.update(parse_assignments(sets))
+    job = service.submit(kind, values, lane=lane, after=_int_or_none(after, "--after"),
                        priority=priority, timeout_s=timeout_s, issue=issue,
                        earned_by=_int_or_none(earned_by, "--earned-by"), force=force, reason=reason,
-                       host=host)
-    emit(job, as_json, lambda j: f"queued job {j['id']}: {j['kind']} on lane {j['lane']} ({j['status']})"
-         + (f"\nwarning: {j['warning']}" if j.get("warning") else ""))
+                       host=host, dry_run=dry_run)
+    if dry_run:
+        emit(job, as_json, _dry_run_text)
+    elif kind == "idea":
+        emit(job, as_json, lambda p: f"queued pipeline {p['id']}: {p['stage']} stage "
+             f"(jobs {', '.join(str(j['id']) for s in p['stages'] for j in s['jobs'])}); "
+             f"`lab pipeline {p['id']}` follows it")
+    else:
+        emit(job, as_json, lambda j: f"queued job {j['id']}: {j['kind']} on lane {j['lane']} ({j['status']})"
+             + (f"\n  cost: {_cost_text(j['cost'])}" if j.get("cost") else "")
+             + (f"\nwarning: {j['warning']}" if j.get("warning") else ""))
+
+
+def _spec_file_values(path: str) -> dict[str, Any]:
+    import tomllib
+    from pathlib import Path
+
+    try:
+        values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--spec: cannot read {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"--spec: {path} is not valid TOML: {e}") from None
+    values.pop("kind", None)
+    return values
+
+
+def _cost_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "-"
+    flops = f"{c['flops']:.3g} training FLOPs" if c.get("flops") is not None else "FLOPs unknown"
+    budget = f", budget {c['budget_s']:.0f} s" if c.get("budget_s") else ""
+    return f"{flops} ({c.get('basis', '')}){budget}"
+
+
+def _dry_run_text(d: dict[str, Any]) -> str:
+    if d.get("kind") == "idea":
+        lines = [f"dry run: idea on lane {d['lane']} (hash {d['hash']}), arm {d['arm']} vs {d['baseline']} "
+                 f"on {d['primary']}; nothing queued"]
+        for st in d["stages"]:
+            for j in st["jobs"]:
+                lines.append(f"  {st['stage']:<8} {j['kind']:<8} {j['lane']:<3} {_cost_text(j.get('cost'))}"
+                             + (f" -- {j['gate']}" if j.get("gate") else ""))
+        return "\n".join(lines)
+    return "\n".join([f"dry run: {d['kind']} on lane {d['lane']}; nothing queued",
+                      f"  spec: {json.dumps(d['spec'], default=str)}",
+                      f"  cost: {_cost_text(d['cost'])}",
+                      f"  gate: {d['gate']}"])
+
+
+@main.command("pipeline")
+@click.argument("pipeline_id", type=int, required=False)
+@click.option("--rerun", is_flag=True, help="Run the stage that stopped (or was cancelled) again.")
+@click.option("--cancel", "cancel_", is_flag=True, help="Cancel the pipeline and its running stage.")
+@click.option("--reason", default="cancelled by user", show_default=True, help="Recorded with --cancel.")
+@json_option
+def pipeline_cmd(pipeline_id: int | None, rerun: bool, cancel_: bool, reason: str, as_json: bool) -> None:
+    """Ideas' pipelines: smoke -> ablation -> full run. Without an id, the latest 20; with one,
+    each stage's state, jobs and the last decision (why it moved on or stopped).
+
+    Examples:
+
+      lab pipeline            # every recent pipeline, one line each
+
+      lab pipeline 3 --json   # one pipeline, every stage
+
+      lab pipeline 3 --rerun  # run the stage that stopped it again
+    """
+    from daemon import pipeline as pl
+    from daemon import service
+
+    store = service.open_store()
+    if pipeline_id is None:
+        if rerun or cancel_:
+            raise BadInput("--rerun/--cancel: give the pipeline's id")
+        rows = pl.list_views(store)
+        emit({"pipelines": rows}, as_json, lambda d: "\n".join(_pipeline_line(p) for p in d["pipelines"])
+             or "no pipelines yet (`lab submit idea --spec idea.toml`)")
+        return
+    if rerun and cancel_:
+        raise BadInput("--rerun/--cancel: choose one")
+    if rerun:
+        view = pl.rerun(pipeline_id, store)
+    elif cancel_:
+        view = pl.cancel(pipeline_id, reason, store)
+    else:
+        view = pl.view(pipeline_id, store)
+    emit(view, as_json, _pipeline_text)
+
+
+def _pipeline_line(p: dict[str, Any]) -> str:
+    issue = f" #{p['issue']}" if p.get("issue") else ""
+    return f"pipeline {p['id']}{issue}: {p['status']} in {p['stage']}: {p['reason'] or ''}"
+
+
+def _pipeline_text(p: dict[str, Any]) -> str:
+    lines = [_pipeline_line(p), f"  hypothesis: {p.get('hypothesis')}",
+             f"  arm {p.get('arm')} vs {p.get('baseline')} on {p.get('primary')} (pre-registered)"]
+    for st in p["stages"]:
+        jobs_ = ", ".join(f"job {j['id']} {j['role']} {j['status']}"
+                          + (f" ({j['verdict']})" if j.get("verdict") else "") for j in st["jobs"])
+        lines.append(f"  {st['stage']:<8} {st['state']:<10} {jobs_}")
+    outcome = p.get("outcome") or {}
+    if outcome.get("graveyard"):
+        lines.append(f"  graveyard line for docs/ROADMAP.md: {outcome['graveyard']}")
+    if outcome.get("finding_draft"):
+        lines.append(f"  finding drafted: {outcome['finding_draft']} (publish: {outcome['publish']})")
+    return "\n".join(lines)
 
 
 @main.command("status")

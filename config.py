@@ -30,6 +30,9 @@ TOKENIZER_NAME = "r50k_base"
 TOKENIZER_VOCAB = 50257
 # `smoke` passes only when the eval loss on fixed batches falls by at least this fraction.
 SMOKE_MIN_DROP = 0.01
+# A smoke stays a smoke: it asks "does it build and learn at all?" in seconds to minutes, so a
+# longer budget is a training run (the `train` kind), not a check that may skip the queue's gate.
+SMOKE_MAX_STEPS = 1000
 TOKENIZER_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 # Token datasets (models/data.py) live in $LAB_RUNS/data/<name>/ as uint16 shards of at most
@@ -406,14 +409,59 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       max_steps=20_000, eval_interval=500, eval_batches=40, ckpt_interval=500),
         "precision": dict(gpu_memory_fraction=0.0),
     },
+    # A full run on a harness task (a `train` job with `task` or `task_dir`) on the RTX 2060:
+    # the rtx2060 model dims, fp16. vocab_size and block_size are placeholders: the task sets
+    # them (jobs/train.resolve_config), so a task line is 9-54 tokens and 64 lines make a step;
+    # the loss chunk covers a whole micro-batch since a task's logits are a few ids wide. The
+    # recipe is the ablation preset's (no weight decay) at an lr for this width.
+    # Measured: nothing on a card (none was available). Estimated with bench/memory.py on fake
+    # tensors (fp16 autocast, deepest training depth, `--set vocab_size=14 block_size=54`, the
+    # largest of the four tasks, micro-batch 64): peak 2.19 GiB for the refiner (51.3M params),
+    # 2.42 GiB for the reasoner (70.8M, all 10 layers); ~1.4 GiB of it activations. Fitting 6 GB
+    # is an estimate that leaves ~3.5 GiB for the CUDA context and fragmentation, not a
+    # measurement; nor is any step time.
+    "rtx2060_task": {
+        "model": dict(vocab_size=64, block_size=64, d_model=768, n_heads=12, n_prelude=6, n_layers=10,
+                      backprop_steps=4, activation_checkpointing=False, loss_chunk_tokens=4096),
+        "refiner": dict(depth_min=1, depth_max=8, depth_eval=4),
+        "reasoner": dict(depth_min=6, depth_max=10, depth_eval=10),
+        "train": dict(batch_size=64, grad_accum=1, lr=6e-4, min_lr=6e-5, warmup_steps=500,
+                      max_steps=20_000, eval_interval=500, eval_batches=8, ckpt_interval=500,
+                      weight_decay=0.0, grad_clip=1.0),
+        "precision": dict(gpu_memory_fraction=0.0),
+    },
 }
 
 
 # A training run's checkpoints: the latest (to resume) and the best by val_loss (to use).
 CKPT_LAST, CKPT_BEST = "ckpt_last.pt", "ckpt_best.pt"
-# A train job with this preset on the gpu lane is a full run: the queue starts it only when an
-# ablation earned it (--earned-by) or a person forced it (--force --reason).
-GATED_PRESET = "rtx2060"
+
+
+@dataclass(frozen=True)
+class GateConfig(Validated):
+    """The earned-run gate (daemon/service.py check_gate). A GPU job whose compute estimate
+    (jobs/cost.py) reaches either threshold is a full run, whatever its kind or preset: the queue
+    takes it only when an ablation earned it (--earned-by: a tested arm that made the same change,
+    verdict `better`) or a person forced it (--force --reason).
+
+    1e15 FLOPs is about 40 times the pre-registered chase ablation (4 arms x 3 seeds, ~2.5e13)
+    and about two minutes of an RTX 2060 at a third of its 25.8 TFLOPS fp16 peak; a full run at
+    rtx2060_task is ~3e16 and at rtx2060 ~1e18."""
+
+    FIELD_PREFIX = "gate"
+    full_run_flops: float = setting(1e15, 1.0, 1e30, "training FLOPs from which a GPU job is a full run")
+    full_run_seconds: float = setting(3600.0, 1.0, 1e9, "a GPU job's own wall-clock budget from which "
+                                      "it is a full run (a budget in seconds only has no FLOP figure)")
+
+
+GATE = GateConfig()
+# The keys a full run may set differently from the arm that earned it: how big it is and how
+# long it trains, never what the idea changed (the gate compares every other key).
+FULL_RUN_SIZE_KEYS = frozenset({
+    "d_model", "n_heads", "n_prelude", "n_layers", "mlp_hidden", "vocab_size", "block_size",
+    "loss_chunk_tokens", "activation_checkpointing", "batch_size", "grad_accum", "lr", "min_lr",
+    "warmup_steps", "max_steps", "max_seconds", "eval_interval", "eval_batches", "log_interval",
+    "ckpt_interval", "val_fraction", "seed", "threads", "gpu_memory_fraction"})
 # Eval batches are drawn from the training seed plus this offset, so every eval of a run (and a
 # later `lab eval` of its checkpoint) sees the same batches, none of them training batches.
 EVAL_SEED_OFFSET = 1_000_003

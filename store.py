@@ -123,6 +123,40 @@ daemons = Table(
 
 # One row per host: the row lock that serialises GPU claims on that host (Postgres row lock,
 # SQLite write lock), so two daemons on one host cannot both see "no GPU job running".
+# An idea's pipeline (daemon/pipeline.py): smoke -> ablation -> full run, one stage at a time.
+# `version` fences every transition the way `status` fences a job's: the next stage is inserted
+# in the same transaction that moves the pipeline on, so it exists exactly once.
+pipelines = Table(
+    "lab_pipelines", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("spec", JSON, nullable=False),  # the validated idea
+    Column("spec_hash", String(64), nullable=False),
+    Column("lane", String(8), nullable=False),  # the smoke stage's lane (the issue's label)
+    Column("stage", String(16), nullable=False),  # smoke, ablation, full
+    Column("round", Integer, nullable=False),  # 1, then + 1 each time a stage is run again
+    Column("status", String(16), nullable=False, index=True),  # running, succeeded, stopped, cancelled
+    Column("version", Integer, nullable=False),
+    Column("reason", Text),  # what the last decision was, and why
+    Column("outcome", JSON),  # a stop's drafted finding and graveyard line; a full run's grid
+    Column("issue", Integer, index=True),
+    Column("source", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
+
+pipeline_jobs = Table(
+    "lab_pipeline_jobs", metadata,
+    Column("job_id", Integer, primary_key=True),
+    Column("pipeline_id", Integer, nullable=False, index=True),
+    Column("stage", String(16), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("role", String(32), nullable=False),  # main, or control:negative / control:positive
+)
+
+PIPELINE_STAGES = ("smoke", "ablation", "full")
+PIPELINE_ACTIVE = ("running",)
+
 hosts = Table(
     "lab_hosts", metadata,
     Column("host", String(128), primary_key=True),
@@ -236,23 +270,133 @@ class Store:
                source: str = "cli", held: str | None = None) -> int:
         """Insert a job (already validated by the caller): queued, or blocked when it waits on
         another job or is held."""
+        with self.transaction() as c:
+            return self._insert_job(c, kind, lane, spec, priority=priority, after=after,
+                                    timeout_s=timeout_s, max_attempts=max_attempts, issue=issue,
+                                    earned_by=earned_by, force_reason=force_reason,
+                                    want_host=want_host, source=source, held=held)
+
+    def _insert_job(self, c: Connection, kind: str, lane: str, spec: dict[str, Any], *, priority: int = 0,
+                    after: int | None = None, timeout_s: float, max_attempts: int,
+                    issue: int | None = None, earned_by: int | None = None,
+                    force_reason: str | None = None, want_host: str | None = None,
+                    source: str = "cli", held: str | None = None) -> int:
+        t = now()
+        status = "queued"
+        if held:
+            status = "blocked"
+        elif after is not None:
+            dep = c.execute(select(jobs.c.status).where(jobs.c.id == after)).scalar()
+            if dep != "succeeded":
+                status = "blocked"
+        job_id = c.execute(insert(jobs).values(
+            kind=kind, lane=lane, status=status, spec=spec, priority=priority, created_at=t,
+            updated_at=t, attempts=0, max_attempts=max_attempts, after_id=after,
+            timeout_s=timeout_s, issue=issue, earned_by=earned_by, force_reason=force_reason,
+            want_host=want_host, source=source, cancel_requested=False, held=held,
+        )).inserted_primary_key[0]
+        self._event(c, job_id, "submitted", f"{kind} on lane {lane} ({status})")
+        return int(job_id)
+
+    # --- pipelines (daemon/pipeline.py decides; these make each decision one transaction) ------
+
+    def create_pipeline(self, spec: dict[str, Any], spec_hash: str, lane: str, stage: str,
+                        stage_jobs: list[dict[str, Any]], issue: int | None = None,
+                        source: str = "cli") -> tuple[int, list[int]]:
+        """A pipeline and its first stage's jobs, in one transaction. Each of `stage_jobs` is
+        `_insert_job`'s keywords plus `role`."""
         t = now()
         with self.transaction() as c:
-            status = "queued"
-            if held:
-                status = "blocked"
-            elif after is not None:
-                dep = c.execute(select(jobs.c.status).where(jobs.c.id == after)).scalar()
-                if dep != "succeeded":
-                    status = "blocked"
-            job_id = c.execute(insert(jobs).values(
-                kind=kind, lane=lane, status=status, spec=spec, priority=priority, created_at=t,
-                updated_at=t, attempts=0, max_attempts=max_attempts, after_id=after,
-                timeout_s=timeout_s, issue=issue, earned_by=earned_by, force_reason=force_reason,
-                want_host=want_host, source=source, cancel_requested=False, held=held,
-            )).inserted_primary_key[0]
-            self._event(c, job_id, "submitted", f"{kind} on lane {lane} ({status})")
-        return int(job_id)
+            pid = int(c.execute(insert(pipelines).values(
+                spec=spec, spec_hash=spec_hash, lane=lane, stage=stage, round=1, status="running",
+                version=1, reason=f"{stage} started", issue=issue, source=source, created_at=t,
+                updated_at=t)).inserted_primary_key[0])
+            ids = self._insert_stage(c, pid, stage, 1, stage_jobs)
+        return pid, ids
+
+    def _insert_stage(self, c: Connection, pid: int, stage: str, round_: int,
+                      stage_jobs: list[dict[str, Any]]) -> list[int]:
+        ids = []
+        for kw in stage_jobs:
+            kw = dict(kw)
+            role = kw.pop("role", "main")
+            job_id = self._insert_job(c, **kw)
+            c.execute(insert(pipeline_jobs).values(job_id=job_id, pipeline_id=pid, stage=stage,
+                                                   round=round_, role=role))
+            self._event(c, job_id, "pipeline", f"pipeline {pid}: stage {stage} ({role})")
+            ids.append(job_id)
+        return ids
+
+    def move_pipeline(self, pid: int, version: int, *, stage: str | None = None,
+                      stage_jobs: list[dict[str, Any]] | None = None, status: str = "running",
+                      reason: str | None = None, outcome: dict[str, Any] | None = None,
+                      from_statuses: tuple[str, ...] = PIPELINE_ACTIVE) -> list[int] | None:
+        """Move pipeline `pid` on from `version`: to `stage` (its jobs inserted now, in a new
+        round when the stage is run again), or to a final `status`. None when another process
+        moved it first (its version is no longer `version`): the decision was made, once."""
+        t = now()
+        with self.transaction() as c:
+            row = c.execute(select(pipelines).where(
+                pipelines.c.id == pid, pipelines.c.version == version,
+                pipelines.c.status.in_(list(from_statuses)))).mappings().first()
+            if row is None:
+                return None
+            values: dict[str, Any] = {"version": version + 1, "status": status, "updated_at": t,
+                                      "reason": reason}
+            if outcome is not None:
+                values["outcome"] = outcome
+            if status != "running":
+                values["finished_at"] = t
+            else:
+                values["finished_at"] = None
+            ids: list[int] = []
+            if stage is not None:
+                last = c.execute(select(func.max(pipeline_jobs.c.round)).where(
+                    pipeline_jobs.c.pipeline_id == pid, pipeline_jobs.c.stage == stage)).scalar()
+                round_ = (last or 0) + 1
+                values.update(stage=stage, round=round_)
+                ids = self._insert_stage(c, pid, stage, round_, stage_jobs or [])
+            n = c.execute(update(pipelines).where(pipelines.c.id == pid, pipelines.c.version == version)
+                          .values(**values)).rowcount
+            if not n:
+                raise StateError(f"pipeline {pid} moved during its own transaction")
+        return ids
+
+    def pipeline(self, pid: int) -> dict[str, Any] | None:
+        if not storable_id(pid):
+            return None
+        with self.reading() as c:
+            row = c.execute(select(pipelines).where(pipelines.c.id == pid)).mappings().first()
+        return dict(row) if row else None
+
+    def list_pipelines(self, statuses: Iterable[str] | None = None, issue: int | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]:
+        q = select(pipelines).order_by(pipelines.c.id.desc())
+        if statuses is not None:
+            q = q.where(pipelines.c.status.in_(list(statuses)))
+        if issue is not None:
+            if not storable_id(issue):
+                return []
+            q = q.where(pipelines.c.issue == issue)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.reading() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def pipeline_jobs(self, pid: int) -> list[dict[str, Any]]:
+        """The pipeline's jobs, oldest first: job_id, stage, round, role."""
+        with self.reading() as c:
+            rows = c.execute(select(pipeline_jobs).where(pipeline_jobs.c.pipeline_id == pid)
+                             .order_by(pipeline_jobs.c.job_id)).mappings()
+            return [dict(r) for r in rows]
+
+    def pipeline_of_job(self, job_id: int) -> dict[str, Any] | None:
+        """The job's link to a pipeline (pipeline_id, stage, round, role), or None."""
+        if not storable_id(job_id):
+            return None
+        with self.reading() as c:
+            row = c.execute(select(pipeline_jobs).where(pipeline_jobs.c.job_id == job_id)).mappings().first()
+        return dict(row) if row else None
 
     def get(self, job_id: int) -> dict[str, Any] | None:
         if not storable_id(job_id):

@@ -60,13 +60,15 @@ from bridge import render
 from bridge.outbox import Outbox
 from config import ConfigError
 from jobs.paths import check_spec_paths
-from store import ACTIVE, FINAL, Store
+from store import ACTIVE, FINAL, PIPELINE_STAGES, Store
 
 log = logging.getLogger("lab.github")
 
 DEFAULT_API_URL = "https://api.github.com"
 LANE_LABELS = ("gpu", "cpu")
-STATE_LABELS = ("queued", "running", "succeeded", "failed")
+STATE_LABELS = ("queued", "running", "succeeded", "failed", "stopped")
+# An idea's pipeline (daemon/pipeline.py) shows its stage as a label beside its state.
+STAGE_LABELS = tuple(f"stage:{s}" for s in PIPELINE_STAGES)
 WRITE_ROLES = ("admin", "maintain", "write")
 LEASE_ROLE = "github-bridge"
 
@@ -79,6 +81,10 @@ LABELS: dict[str, tuple[str, str]] = {
     "running": ("0e8a16", "State: the job runs now"),
     "succeeded": ("2ea44f", "State: the latest job succeeded"),
     "failed": ("d93f0b", "State: the latest job failed"),
+    "stopped": ("cfd3d7", "State: the idea's pipeline stopped (a stage failed, or did not earn the next)"),
+    "stage:smoke": ("c2e0c6", "Idea pipeline: the smoke stage (both arms build, learn, stay finite)"),
+    "stage:ablation": ("bfe5bf", "Idea pipeline: the ablation (the idea's arm against its baseline)"),
+    "stage:full": ("a2eeef", "Idea pipeline: the full run, earned by the ablation's verdict"),
     "needs-fix": ("e99695", "The spec in this issue is invalid: see the lab's comment"),
     "architecture": ("c5def5", "Type: model architecture"),
     "tools": ("bfd4f2", "Type: tooling, the queue, the lab itself"),
@@ -495,9 +501,11 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
                           "keep exactly one spec block (put examples in another language fence)")
     values = _load_toml(blocks[0])
     kind = values.pop("kind", None)
-    kinds = ", ".join(job_kinds.kind_names())
+    kinds = ", ".join([*job_kinds.kind_names(), "idea"])
     if kind is None:
         raise SpecProblem("kind", "missing", f'add `kind = "..."`, one of: {kinds}')
+    if kind == "idea":  # not a job: a pipeline of them (daemon/pipeline.py)
+        return _parse_idea_spec(values, lanes[0])
     if not isinstance(kind, str) or kind not in job_kinds.kind_names():
         raise SpecProblem("kind", f"{kind!r} is not a job kind", f"set `kind` to one of: {kinds}")
     depends_on = values.pop("depends-on", None)
@@ -529,6 +537,29 @@ def parse_issue_spec(body: str | None, labels: list[str], number: int) -> IssueS
                         "earned_by": earned_by}, sort_keys=True, default=str)
     digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
     return IssueSpec(kind, lane, spec_dict, depends_on, earned_by, digest)
+
+
+def _parse_idea_spec(values: dict[str, Any], lane: str) -> IssueSpec:
+    """An idea's spec (daemon/pipeline.py IdeaSpec): its pipeline earns its own full run, so
+    neither `depends-on` nor `earned-by` belongs in it."""
+    from daemon.pipeline import idea_dict, parse_idea
+
+    for key in ("depends-on", "earned-by"):
+        if key in values:
+            raise SpecProblem(key, "an idea's pipeline decides its own stages",
+                              f"remove `{key}`: the full run is earned by the idea's own ablation")
+    try:
+        lane = job_kinds.check_lane("smoke", lane)
+        spec = idea_dict(parse_idea(values))
+    except ConfigError as e:
+        field, _, problem = str(e).partition(": ")
+        raise SpecProblem(field, problem or str(e), _fix_for(field, problem, "idea")) from None
+    except (TypeError, ValueError, OverflowError, RecursionError, AttributeError, KeyError) as e:
+        raise SpecProblem("idea", f"the spec could not be validated ({type(e).__name__})",
+                          "check each value's type against the Idea issue form") from None
+    canon = json.dumps({"kind": "idea", "lane": lane, "spec": spec, "depends_on": None, "earned_by": None},
+                       sort_keys=True, default=str)
+    return IssueSpec("idea", lane, spec, None, None, hashlib.sha256(canon.encode()).hexdigest()[:16])
 
 
 def toml_blocks(body: str) -> list[str]:
@@ -774,11 +805,18 @@ class Bridge:
         labels = [lab["name"].lower() for lab in issue.get("labels", [])]
         self._issue, self._labels = issue, labels
         lane_labels = [x for x in LANE_LABELS if x in labels]
-        mine = [self.store.get(j) for j in self.outbox.issue_jobs(n)]
+        pipelines = self.store.list_pipelines(issue=n)
+        staged = [link["job_id"] for p in pipelines for link in self.store.pipeline_jobs(p["id"])]
+        mine = [self.store.get(j) for j in dict.fromkeys([*self.outbox.issue_jobs(n), *staged])]
         active = [j for j in mine if j and j["status"] in ACTIVE]
         if issue["state"] != "open" or not lane_labels:
             why = (f"issue #{n} was closed" if issue["state"] != "open"
                    else f"the lane label was removed from #{n}")
+            from daemon import pipeline
+
+            for p in pipelines:
+                if p["status"] == "running":
+                    pipeline.cancel(p["id"], why, self.store)
             for j in active:
                 if not j.get("cancel_requested"):
                     self.store.cancel(j["id"], why)
@@ -933,6 +971,9 @@ class Bridge:
     def _submit(self, run_id: int, n: int, spec: IssueSpec, after: int | None, blocked: bool) -> int:
         from daemon import service
 
+        if spec.kind == "idea":
+            return self._submit_idea(run_id, n, spec, blocked)
+
         job = service.submit(spec.kind, spec.spec, lane=spec.lane, after=after, issue=n,
                            earned_by=spec.earned_by, source="github", store=self.store,
                            held=f"issue #{n} has the `blocked` label" if blocked else None)
@@ -940,6 +981,26 @@ class Bridge:
         self.outbox.set_run_job(run_id, job_id)
         self.summary["submitted"].append(job_id)
         log.info("issue #%d -> job %d (%s on %s)", n, job_id, spec.kind, spec.lane)
+        return job_id
+
+    def _submit_idea(self, run_id: int, n: int, spec: IssueSpec, blocked: bool) -> int:
+        """A new pipeline for the idea; or, when this exact idea's pipeline stopped (`/rerun`),
+        the stage that stopped it again; one that still runs is left alone."""
+        from daemon import pipeline
+
+        same = [p for p in self.store.list_pipelines(issue=n) if p["spec"] == spec.spec]
+        if same and same[0]["status"] == "running":
+            view = pipeline.view(same[0]["id"], self.store)
+        elif same and same[0]["status"] in ("stopped", "cancelled"):
+            view = pipeline.rerun(same[0]["id"], self.store)
+        else:
+            view = pipeline.submit_idea(spec.spec, lane=spec.lane, issue=n, source="github", store=self.store,
+                                        held=f"issue #{n} has the `blocked` label" if blocked else None)
+        current = next(s for s in view["stages"] if s["stage"] == view["stage"])
+        job_id = int(current["jobs"][0]["id"])
+        self.outbox.set_run_job(run_id, job_id)
+        self.summary["submitted"].append(job_id)
+        log.info("issue #%d -> pipeline %d, stage %s (job %d)", n, view["id"], view["stage"], job_id)
         return job_id
 
     def adopt_undecided(self) -> None:
@@ -980,20 +1041,52 @@ class Bridge:
             n = int(job["issue"])
             paused = lanes_paused  # the disk guard holds both lanes
             run = self.outbox.run_of_job(job["id"])
+            link = self.store.pipeline_of_job(job["id"])
             settle = STATUS_EDIT_SECONDS if job["status"] == "running" else 0.0  # its end goes at once
-            self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
-                                    self.s.scrub(render.status_comment(job, paused, run)), job_id=job["id"],
-                                    min_edit_interval=settle)
+            if link is None:  # a pipeline's stage is a row of the pipeline's one status comment
+                self.outbox.put_comment(f"status:{job['id']}", "status", n, render.status_marker(job["id"]),
+                                        self.s.scrub(render.status_comment(job, paused, run)),
+                                        job_id=job["id"], min_edit_interval=settle)
             if job["status"] in FINAL:
+                body = render.result_comment(job, run, stage=link)
                 self.outbox.put_comment(f"result:{job['id']}", "result", n, render.result_marker(job["id"]),
-                                        self.s.scrub(render.result_comment(job, run)), job_id=job["id"],
-                                        source_at=job["finished_at"])
+                                        self.s.scrub(body), job_id=job["id"], source_at=job["finished_at"])
             latest[n] = job
+        staged = self.reflect_pipelines(lanes_paused)
         for n in latest:
+            if n in staged:
+                continue  # its labels say the pipeline's state and stage
             newest = self.store.list_jobs(issue=n, newest_first=True, limit=1)[0]
             state = {"queued": "queued", "blocked": "queued"}.get(newest["status"], newest["status"])
             add = [state] if state in STATE_LABELS else []
             self.outbox.put_labels(f"labels:{n}", n, add=add, remove=[], job_id=newest["id"])
+
+    def reflect_pipelines(self, lanes_paused: str | None) -> set[int]:
+        """One status comment per idea pipeline (every stage's state, progress and job), and the
+        issue's labels: the pipeline's state and `stage:<stage>`. Pipelines that ended more than a
+        day ago are settled and not rendered again. Returns the issues they answer."""
+        from daemon import pipeline
+
+        issues: set[int] = set()
+        for p in self.store.list_pipelines():
+            if p["issue"] is None:
+                continue
+            n = int(p["issue"])
+            newest_for_issue = n not in issues
+            issues.add(n)
+            if p["status"] != "running" and (p["finished_at"] or 0) < time.time() - 86_400:
+                continue
+            view = pipeline.view(p["id"], self.store)
+            key = f"pipeline:{p['id']}"
+            settle = STATUS_EDIT_SECONDS if p["status"] == "running" else 0.0
+            self.outbox.put_comment(key, "status", n, render.key_marker(key),
+                                    self.s.scrub(render.pipeline_comment(view, lanes_paused)),
+                                    min_edit_interval=settle)
+            if newest_for_issue:  # list_pipelines is newest first: the issue's labels are its newest's
+                state = p["status"] if p["status"] in STATE_LABELS else None  # cancelled: none
+                add = [x for x in (state, f"stage:{p['stage']}") if x]
+                self.outbox.put_labels(f"labels:{n}", n, add=add, remove=[])
+        return issues
 
     def _lanes_paused(self) -> str | None:
         """Why a live daemon takes no new job on either lane (the disk guard), if one says so."""

@@ -281,16 +281,23 @@ def _again(job_id: int, approval: dict[str, Any] | None) -> str:
     return f"To run it again: `lab retry {int(job_id)}` on the lab's machine."
 
 
-def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None) -> str:
+def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None,
+                   stage: dict[str, Any] | None = None) -> str:
     """The one result comment of a finished job. `approval`: the bridge's run row when the job
-    came from the issue's spec (then `/rerun` runs it again)."""
+    came from the issue's spec (then `/rerun` runs it again). `stage`: the job's link to an idea
+    pipeline (pipeline_id, stage, round, role), said in the heading."""
     jid, status = job["id"], job["status"]
     run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
     took = None
     if job.get("finished_at") and job.get("started_at"):
         took = job["finished_at"] - job["started_at"]
+    of_stage = ""
+    if stage:
+        role = "" if stage["role"] == "main" else f" ({untrusted(stage['role'])})"
+        of_stage = (f" · stage **{untrusted(stage['stage'])}**{role} of idea pipeline "
+                    f"{int(stage['pipeline_id'])}")
     parts = [result_marker(jid),
-             f"### {EMOJI.get(status, '')} Job {jid} {status}",
+             f"### {EMOJI.get(status, '')} Job {jid} {status}{of_stage}",
              f"{untrusted(job['kind'])} on lane {untrusted(job['lane'])} · took {duration(took)} · "
              f"attempt {job.get('attempts', 0)} · finished {iso(job.get('finished_at')) or 'unknown'}"]
     result = job.get("result")
@@ -319,6 +326,17 @@ def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None) 
             if len(text) > REPORT_CHARS:
                 text = text[:REPORT_CHARS] + f"\n\n... (cut; the whole report is `{report}`)"
             parts.append("<details><summary>report.md</summary>\n\n" + text + "\n\n</details>")
+    if isinstance(result, dict) and isinstance(result.get("grid"), dict):
+        # a full run on a task: its grid, beside the ablation arm it scales when one earned it
+        from records import earning_arm, task_grid_lines
+
+        cell_ = result.get("primary") or {}
+        trivial = ", ".join(f"{untrusted(k)} {number(v)}" for k, v in (result.get("trivial") or {}).items())
+        parts.append(f"**Primary cell** {untrusted(cell_.get('cell'))}: {number(cell_.get('accuracy'))}"
+                     + (f" · trivial baselines: {trivial}" if trivial else ""))
+        parts.append("\n".join(task_grid_lines(result, *earning_arm(result, job.get("earned_by")))))
+        result = {k: v for k, v in result.items() if k not in ("grid", "counts", "overlap", "baselines",
+                                                              "primary", "trivial")}
     metrics = [(k, v) for k, v in flat_metrics(result) if k != "verdict"]
     if metrics:
         parts.append("**Metrics**\n\n" + table(["metric", "value"], [[k, v] for k, v in metrics]))
@@ -337,6 +355,78 @@ def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None) 
         parts.append(curve)
     parts.append(_files_line(job))
     return fit(_sealed(parts[0] + "\n\n", "\n\n".join(parts[1:])), where=str(run_dir or f"runs/{jid}"))
+
+
+PIPELINE_EMOJI = {"running": "🏃", "succeeded": "✅", "stopped": "⛔", "cancelled": "⚪"}
+_STAGE_WHAT = {"smoke": "the idea's arm and its baseline build, learn, stay finite",
+               "ablation": "the idea's arm against its baseline, read on the pre-registered cell",
+               "full": "the arm at the full-run preset, on the same task and grid; only if earned"}
+
+
+def pipeline_comment(view: dict[str, Any], lane_paused: str | None = None) -> str:
+    """The one status comment of an idea's pipeline (daemon/pipeline.py view): every stage's
+    state, progress and job, the last decision and what comes next; edited in place."""
+    pid, status = int(view["id"]), view["status"]
+    marker = key_marker(f"pipeline:{pid}")
+    # status and stage are the lab's own words (store.py); anything else would be shown escaped
+    shown_status = status if status in PIPELINE_EMOJI else untrusted(status)
+    stage = view["stage"] if view["stage"] in _STAGE_WHAT else untrusted(view["stage"])
+    lines = [marker, f"### {PIPELINE_EMOJI.get(status, '')} Idea pipeline {pid} · stage {stage} · "
+             f"**{shown_status}**", ""]
+    lines.append(f"**Hypothesis:** {untrusted(view.get('hypothesis'), 300, code=False)}")
+    lines.append(f"**Killed by:** {untrusted(view.get('kill'), 300, code=False)}")
+    lines.append(f"**Primary cell** (pre-registered): {untrusted(view.get('primary'))}, arm "
+                 f"{untrusted(view.get('arm'))} against {untrusted(view.get('baseline'))}")
+    lines.append("")
+    rows: list[list[Any]] = []
+    for st in view["stages"]:
+        jobs = st["jobs"]
+        ids = Markdown(", ".join(f"job {int(j['id'])}" + ("" if j["role"] == "main" else f" ({j['role']})")
+                                 for j in jobs) or "-")
+        main = next((j for j in jobs if j["role"] == "main"), None)
+        prog = (main or {}).get("progress") or {}
+        if main and main["status"] == "running" and prog.get("total"):
+            step, total = prog.get("step", 0), prog["total"]
+            shown = Markdown(f"{number(step)} / {number(total)} `{progress_bar(step, total)}`")
+        else:
+            shown = Markdown("")
+        said = (main or {}).get("verdict") or ""
+        if main and main["status"] in ("failed", "cancelled"):
+            said = (main.get("error") or "")[:100]
+        state = st["state"]
+        if lane_paused and state == "queued":
+            state = f"queued (lane paused: {lane_paused})"
+        rows.append([Markdown(f"**{st['stage']}**"), state, ids, shown, said if said else Markdown(""),
+                     _STAGE_WHAT[st["stage"]]])
+    lines += [table(["stage", "state", "jobs", "progress", "verdict / reason", "what it checks"], rows), ""]
+    lines.append(f"**Last decision:** {untrusted(view.get('reason') or '-', 600, code=False)}")
+    outcome = view.get("outcome") or {}
+    if status == "stopped" and outcome.get("graveyard"):
+        lines += ["", "The idea did not earn a full run. Proposed line for the graveyard in "
+                  "`docs/ROADMAP.md`:", "", code_block(str(outcome["graveyard"]))]
+        if outcome.get("finding_draft"):
+            lines.append(f"Finding drafted at `{outcome['finding_draft']}`; publish it with "
+                         f"`lab finding {int(outcome['ablation'])} --title \"...\"`.")
+        elif outcome.get("draft_note"):
+            lines.append(untrusted(outcome["draft_note"], 300, code=False))
+    if status == "succeeded" and outcome.get("primary"):
+        full = outcome["primary"] or {}
+        abl = outcome.get("ablation") or {}
+        lines += ["", table(["on " + str(full.get("cell")), "accuracy"], [
+            [f"full run (job {outcome.get('full_run')})", full.get("accuracy")],
+            [f"ablation arm {(abl.get('arm') or {}).get('name')} (job {abl.get('job')})",
+             (abl.get("arm") or {}).get("mean")],
+            [f"ablation baseline {(abl.get('baseline') or {}).get('name')}",
+             (abl.get("baseline") or {}).get("mean")],
+            [f"best trivial baseline {((abl.get('best_trivial') or {}).get('name'))}",
+             (abl.get("best_trivial") or {}).get("value")]])]
+    lines.append("")
+    if status in ("stopped", "cancelled"):
+        lines.append("To run the stage that stopped it again, someone with write access comments `/rerun`; "
+                     f"from the lab's machine: `lab pipeline {pid} --rerun`.")
+    elif status == "running":
+        lines.append(f"Follow it: `lab pipeline {pid}` · closing this issue cancels the running stage.")
+    return fit(_sealed(marker + "\n", "\n".join(lines[1:])))
 
 
 def invalid_comment(key: str, field: str, problem: str, fix: str, example: str) -> str:

@@ -1,11 +1,12 @@
 """`lab mcp`: the queue as MCP tools over stdio, so an agent uses it without parsing text.
 
-Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, retry, and kinds
-(what each kind's spec accepts). They call the service layer (daemon/service.py) as the CLI does, so
-validation, the earned-run gate and the errors are the CLI's; a bad input comes back as a tool
-error whose text names the field, and nothing is queued. Jobs submitted here are recorded with
-source "mcp". There is deliberately no tool that trains in the foreground: work goes through the
-queue. Register it with Claude Code: `claude mcp add lab -- /path/to/.venv/bin/lab mcp`.
+Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, retry, kinds
+(what each kind's spec accepts) and pipeline (an idea's stages). They call the service layer
+(daemon/service.py) as the CLI does, so validation, the earned-run gate and the errors are the
+CLI's; a bad input comes back as a tool error whose text names the field, and nothing is
+queued. Jobs submitted here are recorded with source "mcp". There is deliberately no tool that
+trains in the foreground: work goes through the queue. Register it with Claude Code:
+`claude mcp add lab -- /path/to/.venv/bin/lab mcp`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ MAX_LOG_LINES = config.MCP.max_log_lines
 INSTRUCTIONS = """The reasoning-lab job queue. Submit work with `submit` (kind + spec, validated the same
 way as `lab submit`), follow it with `wait`, `show` and `logs`, stop it with `cancel`, requeue a failed
 or cancelled one with `retry`; `status` shows both lanes and the daemon; `kinds` lists each kind's spec
-fields. Training and GPU work only ever run through this queue. A `train` job with preset rtx2060 on the
-gpu lane needs `earned_by` = a succeeded ablation with verdict `better`; only the person can force it,
+fields. Training and GPU work only ever run through this queue. An idea goes through `submit` with kind
+`idea`: smoke, then ablation, then the full run only if the ablation says `better` (`pipeline` follows
+it). A GPU job whose compute estimate reaches the full-run threshold needs `earned_by` = a succeeded
+ablation whose tested arm made the same change with verdict `better`; only the person can force it,
 from their own terminal. `issue` must be an issue the lab already tracks (one labelled for a job)."""
 
 
@@ -44,7 +47,8 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def submit(
     kind: Annotated[str, Field(description="Job kind: sleep, smoke, train, eval, tokenize, ablation, "
-                                           "archive (see the kinds tool)")],
+                                           "archive (see the kinds tool), or idea: a pipeline of smoke, "
+                                           "ablation and (if earned) full run")],
     spec: Annotated[dict[str, Any] | None, Field(description="The kind's spec keys and values "
                                                              "(like `--set key=value`)")] = None,
     lane: Annotated[Literal["gpu", "cpu"] | None, Field(description="Default: the kind's first lane")] = None,
@@ -55,13 +59,30 @@ def submit(
     earned_by: Annotated[int | None, Field(description="The ablation job that earned a full GPU run")] = None,
     issue: Annotated[int | None, Field(description="A GitHub issue the lab already tracks; the result is "
                                                    "posted there")] = None,
+    dry_run: Annotated[bool, Field(description="Validate and return what would be queued (spec, lane, "
+                                               "cost, the gate's decision); queue nothing")] = False,
 ) -> dict[str, Any]:
-    """Queue a job (validated like `lab submit`); returns the job as `show` does. There is no force:
-    the earned-run gate is the person's to override, never the agent's."""
+    """Queue a job (validated like `lab submit`); returns the job as `show` does, or for kind `idea`
+    the pipeline as `pipeline` does. There is no force: the earned-run gate is the person's to
+    override, never the agent's."""
     if issue is not None:
         _call(service.check_tracked_issue, issue)
     return _call(service.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
-                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, source="mcp")
+                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, source="mcp", dry_run=dry_run)
+
+
+def pipeline(
+    pipeline_id: Annotated[int | None, Field(description="Pipeline id; leave out for the latest 20")] = None,
+    rerun: Annotated[bool, Field(description="Run the stage that stopped it again")] = False,
+) -> dict[str, Any]:
+    """An idea's pipeline: each stage's state and jobs, the current stage, the last decision and,
+    for a stopped idea, its drafted finding and graveyard line. Without an id: the latest ones."""
+    from daemon import pipeline as pl
+
+    store = service.open_store()
+    if pipeline_id is None:
+        return {"pipelines": _call(pl.list_views, store)}
+    return _call(pl.rerun if rerun else pl.view, pipeline_id, store)
 
 
 def status() -> dict[str, Any]:
@@ -113,7 +134,7 @@ def kinds() -> list[dict[str, Any]]:
     return _call(service.kinds)
 
 
-TOOLS = (submit, status, show, wait, logs, cancel, retry, kinds)
+TOOLS = (submit, status, show, wait, logs, cancel, retry, kinds, pipeline)
 
 
 def build_server() -> MCPServer:

@@ -45,6 +45,7 @@ from huey.api import Huey
 from huey.consumer import Consumer
 
 import config
+from daemon.pipeline import advance as advance_pipelines
 from store import Store, db_url
 from workers.supervise import ProcessPool, run_job
 
@@ -177,6 +178,10 @@ class Daemon:
         with self.lock:
             if self.stopping.is_set():
                 return
+            self.store.resolve_blocked()
+            # An idea's next stage is decided here, on every host; the store makes it once.
+            for pid, what in advance_pipelines(self.store):
+                log.info("pipeline %d: %s", pid, what)
             self.store.resolve_blocked()
             # Both lanes hold on a full disk: a CPU job cannot write its log or its results
             # either, and would fail in a blink, one after another, through the whole queue.

@@ -19,16 +19,19 @@ from typing import Any, Literal
 import config
 import jobs
 from config import ConfigError
-from jobs.paths import check_spec_paths
-from store import ACTIVE, FINAL, MAX_ID, Store, iso, public
-
-# Priorities order jobs within a lane; a bound keeps one caller from outranking every job forever
-# with a number no person would type.
-PRIORITY_LIMIT = 1000
-
-
-class GateError(ConfigError):
-    """A full GPU run that was not earned by an ablation (nor forced with a reason)."""
+from daemon.admission import (  # noqa: F401 (the service layer's names for its callers)
+    PRIORITY_LIMIT,
+    GateError,
+    check_gate,
+    check_host,
+    check_job_ref,
+    check_local_inputs,
+    cost_of,
+    dry_run_view,
+    earned_match,
+    prepare,
+)
+from store import ACTIVE, FINAL, Store, iso, public
 
 
 class WaitTimeout(Exception):
@@ -44,143 +47,33 @@ def open_store() -> Store:
     return Store(config.paths().db)
 
 
-def check_gate(store: Store, kind: str, lane: str, spec: dict[str, Any], earned_by: int | None,
-               force: bool, reason: str | None) -> None:
-    """A `train` job with the rtx2060 preset on the GPU lane must be earned: `earned_by` names a
-    succeeded ablation whose verdict was `better`, or `force` comes with a reason."""
-    if force and not (reason or "").strip():
-        raise GateError("--force: needs --reason TEXT (it is recorded with the job)")
-    if earned_by is not None:
-        earner = store.get(earned_by)
-        if earner is None:
-            raise GateError(f"--earned-by: job {earned_by} does not exist")
-    if not (kind == "train" and lane == "gpu" and spec.get("preset") == config.GATED_PRESET):
-        return
-    if force:
-        return
-    if earned_by is None:
-        raise GateError(f"--earned-by: a train job with preset {config.GATED_PRESET} on the gpu lane must be "
-                        "earned: give --earned-by ABLATION_JOB (a succeeded ablation with verdict "
-                        "better) or --force --reason TEXT")
-    if earner["kind"] != "ablation":  # type: ignore[index]
-        raise GateError(f"--earned-by: job {earned_by} is a {earner['kind']} job, not an ablation")  # type: ignore[index]
-    if earner["status"] != "succeeded":  # type: ignore[index]
-        raise GateError(f"--earned-by: ablation {earned_by} is {earner['status']}, not succeeded")  # type: ignore[index]
-    verdict = (earner["result"] or {}).get("verdict")  # type: ignore[index]
-    if verdict != "better":
-        raise GateError(f"--earned-by: ablation {earned_by} has verdict {verdict!r}, not 'better'")
-
-
 def submit(kind: str, values: dict[str, Any], *, lane: str | None = None, after: int | None = None,
            priority: int = 0, timeout_s: float | None = None, issue: int | None = None,
            earned_by: int | None = None, force: bool = False, reason: str | None = None,
            host: str | None = None, source: str = "cli", held: str | None = None,
-           store: Store | None = None) -> dict[str, Any]:
-    """Validate and queue one job; returns it as `lab show` prints it."""
+           dry_run: bool = False, store: Store | None = None) -> dict[str, Any]:
+    """Validate and queue one job; returns it as `lab show` prints it. `dry_run`: validate
+    everything the same way and return what would be queued (spec, lane, cost, the gate's
+    decision) without queueing it. Kind `idea` queues a pipeline (`submit_idea`)."""
     store = store or open_store()
-    q = config.queue_config()
-    lane = jobs.check_lane(kind, lane)
-    host = check_host(host)
-    # Before the Spec looks at any file: only files in the checkout's allowed roots, never a
-    # dotfile or the queue database, and runs by id (jobs/paths.py); the job checks it again.
-    check_spec_paths(kind, values)
-    spec = jobs.spec_to_dict(jobs.parse_spec(kind, values))
-    check_local_inputs(kind, spec, host, store)
-    check_job_ref("--after", after)
-    check_job_ref("--earned-by", earned_by)
-    if after is not None and store.get(after) is None:
-        raise ConfigError(f"--after: job {after} does not exist")
-    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > PRIORITY_LIMIT:
-        raise ConfigError(f"--priority: {config.show(priority)} is out of range "
-                          f"(allowed: -{PRIORITY_LIMIT} to {PRIORITY_LIMIT})")
-    if issue is not None and (isinstance(issue, bool) or not isinstance(issue, int) or not 0 < issue < 2**31):
-        raise ConfigError(f"--issue: {config.show(issue)} is not an issue number (a positive integer "
-                          "below 2^31)")
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))):
-        raise ConfigError(f"--timeout: expected a number of seconds, got {type(timeout_s).__name__}")
-    if timeout_s is not None and not 0 < timeout_s <= 30 * 86_400:
-        raise ConfigError(f"--timeout: {config.show(timeout_s)} is out of range "
-                          "(allowed: (0, 2592000] seconds)")
-    check_gate(store, kind, lane, spec, earned_by, force, reason)
-    job_id = store.submit(
-        kind, lane, spec, priority=priority, after=after,
-        timeout_s=timeout_s or q.default_timeout_seconds, max_attempts=q.max_attempts, issue=issue,
-        earned_by=earned_by, force_reason=reason.strip() if force and reason else None,
-        want_host=host, source=source, held=held)
+    if kind == "idea":
+        from daemon.pipeline import submit_idea
+
+        return submit_idea(values, lane=lane, issue=issue, source=source, held=held, dry_run=dry_run,
+                           store=store)
+    plan = prepare(kind, values, lane=lane, after=after, priority=priority, timeout_s=timeout_s,
+                   issue=issue, earned_by=earned_by, force=force, reason=reason, host=host,
+                   source=source, held=held, store=store)
+    if dry_run:
+        return dry_run_view(plan)
+    job_id = store.submit(**plan["row"])
+    if plan["gate"]:
+        store.add_event(job_id, "gate", plan["gate"])
     out = show(job_id, store)
     if host is not None and host not in {d["host"] for d in store.daemons()}:
         # Not an error: the host's daemon may start later. But a typo would wait forever.
         out["warning"] = f"no daemon has run on host {host!r} yet; the job waits until one does"
     return out
-
-
-def check_host(host: str | None) -> str | None:
-    """`host` stripped, or ConfigError: a daemon claims a job only when its LAB_HOST equals the
-    job's host exactly, so a name no daemon can have (empty, a newline, a space, a control
-    character) would wait forever."""
-    if host is None:
-        return None
-    if not isinstance(host, str):
-        raise ConfigError(f"--host: expected a host name (a string), got {type(host).__name__}")
-    host = host.strip()
-    if not host or len(host) > 128 or not host.isprintable() or any(c.isspace() for c in host):
-        raise ConfigError(f"--host: {config.show(host)} is not a host name (LAB_HOST of a daemon: "
-                          "1-128 printable characters, no spaces)")
-    return host
-
-
-def check_job_ref(flag: str, job_id: int | None) -> None:
-    """A job id given to point at another job (--after, --earned-by): a positive integer the
-    store can hold; a larger one would reach the database driver and overflow there."""
-    if job_id is None:
-        return
-    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 0 < job_id <= MAX_ID:
-        raise ConfigError(f"{flag}: {config.show(job_id)} is not a job id (a positive integer)")
-
-
-def check_local_inputs(kind: str, spec: dict[str, Any], host: str | None, store: Store) -> None:
-    """Refuse at submit what would only fail when the job runs, where this host can tell: a
-    `train` dataset that is not under $LAB_RUNS/data (the sample dataset is built on demand), an
-    `eval` or `archive` run that is not under $LAB_RUNS. A dataset a queued `tokenize` job will
-    make, and a run that is a job of the queue still to run (its run dir appears when it does),
-    are accepted: `lab submit eval --set run=12 --after 12` is the usual way to evaluate job 12.
-
-    Only when the job runs here: with `host` naming another host (a multi-host queue), its
-    datasets and runs are under that host's LAB_RUNS, which this one cannot see. A job for any
-    host (no `host`) is checked here too, so that a typo is caught at submit; a run that the
-    queue says ran on another host is then accepted, since a daemon there may take the job."""
-    here = config.paths().host
-    if host is not None and host != here:
-        return
-    runs = Path(config.paths().runs)
-    if kind == "train":
-        name = spec.get("data")
-        if isinstance(name, str) and name != config.SAMPLE_DATASET \
-                and not (runs / "data" / name / "meta.json").is_file() \
-                and not any(j["spec"].get("name") == name for j in store.list_jobs(ACTIVE, kind="tokenize")):
-            raise ConfigError(f"train.data: no dataset {name!r} in {runs / 'data'} (make it with `lab "
-                              f"tokenize`; the sample dataset {config.SAMPLE_DATASET!r} is built on demand)")
-    named = {"eval": [spec.get("run")], "archive": list(spec.get("runs") or ())}.get(kind, [])
-    for run in named:
-        if isinstance(run, str) and not _run_is_known(run, runs, here, host, store):
-            raise ConfigError(f"{kind}.{'run' if kind == 'eval' else 'runs'}: no run {run!r} in {runs}")
-
-
-def _run_is_known(run: str, runs: Path, here: str, host: str | None, store: Store) -> bool:
-    """Whether run id `run` names a run the job may find: a directory under $LAB_RUNS, a queued,
-    blocked or running job (its run dir appears when it runs), or, for a job any host may
-    take, a job that ran on another host."""
-    try:
-        if (runs / run).is_dir():
-            return True
-    except OSError:  # a name the filesystem refuses (too long): no run of this lab
-        return False
-    if not run.isdigit() or len(run) > 19:  # a job's run dir is named by its id; 19 digits is 2^63
-        return False
-    job = store.get(int(run))
-    if job is None:
-        return False
-    return job["status"] in ACTIVE or (host is None and job["host"] not in (None, here))
 
 
 def check_tracked_issue(issue: int, store: Store | None = None) -> None:
@@ -201,6 +94,13 @@ def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[
     # Run files stay on the host that ran the job; say where, so `lab show` anywhere can point there.
     out["run_files"] = None if not job["run_dir"] else {
         "host": job["host"], "path": job["run_dir"], "here": job["host"] == config.paths().host}
+    try:
+        out["cost"] = cost_of(job["kind"], jobs.parse_spec(job["kind"], job["spec"]))
+    except ConfigError:  # a spec file that changed since: the job's own run says what it cost
+        out["cost"] = None
+    link = store.pipeline_of_job(job_id)
+    out["pipeline"] = None if link is None else {
+        "id": link["pipeline_id"], "stage": link["stage"], "round": link["round"], "role": link["role"]}
     if events:
         out["events"] = [{"at": iso(e["at"]), "kind": e["kind"], "message": e["message"]}
                          for e in store.events(job_id)]
@@ -239,8 +139,13 @@ def status(store: Store | None = None) -> dict[str, Any]:
     newest = alive[0] if alive else None
     daemon = {"alive": bool(alive), "host": newest and newest["host"], "pid": newest and newest["pid"],
               "heartbeat": newest and iso(newest["heartbeat_at"]), "count": len(alive)}
+    from daemon.pipeline import list_views
+
+    pipelines = list_views(store, ("running",), limit=None) + [
+        p for p in list_views(store, limit=5) if p["status"] != "running"]
     return {"lanes": lanes, "jobs": [summary(j) for j in active + recent], "daemon": daemon,
-            "daemons": daemons, "hosts": host_view(store, active, alive), "disk": disk}
+            "daemons": daemons, "hosts": host_view(store, active, alive), "disk": disk,
+            "pipelines": pipelines}
 
 
 

@@ -99,10 +99,10 @@ class PrimaryCell:
         return text if self.depth is None else f"{text}@{self.depth}"
 
     @staticmethod
-    def parse(text: str) -> PrimaryCell:
+    def parse(text: str, where: str = "ablation.primary") -> PrimaryCell:
         m = re.fullmatch(r"([^:@\s]+)(?::([^:@\s]+))?(?:@(\d+))?", text.strip())
         if not m:
-            raise ConfigError(f"ablation.primary: {text!r} is not split[:bucket][@depth] "
+            raise ConfigError(f"{where}: {text!r} is not split[:bucket][@depth] "
                               "(e.g. hops3, test:3, sparse:7-8@16)")
         return PrimaryCell(m.group(1), m.group(2) or "all", int(m.group(3)) if m.group(3) else None)
 
@@ -225,24 +225,30 @@ def _check_spec(spec: AblationSpec) -> None:
 
 
 def _check_primary(spec: AblationSpec, task: Task) -> None:
-    cell = spec.cell
+    check_primary(spec.cell, task, spec.seed_offset, spec.eval_examples)
+
+
+def check_primary(cell: PrimaryCell, task: Task, seed: int, eval_examples: int,
+                  where: str = "ablation.primary") -> None:
+    """A cell the task can fill: a split it has, a bucket of it (holding answers in the test set
+    of `seed`), a depth in range. Also the full run's check (jobs/train.py), named by `where`."""
     if cell.split not in task.splits:
-        raise ConfigError(f"ablation.primary: unknown split {cell.split!r} "
+        raise ConfigError(f"{where}: unknown split {cell.split!r} "
                           f"(allowed: {', '.join(task.splits)})")
     if cell.bucket != "all" and cell.bucket not in task.buckets:
-        raise ConfigError(f"ablation.primary: unknown bucket {cell.bucket!r} of {task.name} "
+        raise ConfigError(f"{where}: unknown bucket {cell.bucket!r} of {task.name} "
                           f"(allowed: all, {', '.join(task.buckets)})")
     if cell.depth is not None and not 1 <= cell.depth <= 1024:
-        raise ConfigError(f"ablation.primary: depth {cell.depth} is out of range (allowed: [1, 1024])")
+        raise ConfigError(f"{where}: depth {cell.depth} is out of range (allowed: [1, 1024])")
     if cell.bucket != "all" and not task.generative:
         from harness.tasks import counts, units
         from harness.train_task import data_rng
 
-        test = task.test_batch(cell.split, data_rng(spec.seed_offset, cell.split), spec.eval_examples)
+        test = task.test_batch(cell.split, data_rng(seed, cell.split), eval_examples)
         n = counts(task, units(task, test.y, test)[1])
         if not n[cell.bucket]:
             held = ", ".join(b for b in task.buckets if n[b])
-            raise ConfigError(f"ablation.primary: bucket {cell.bucket!r} has no answers in split "
+            raise ConfigError(f"{where}: bucket {cell.bucket!r} has no answers in split "
                               f"{cell.split!r} (it holds: {held})")
 
 
@@ -283,29 +289,45 @@ def ratio(a: float, b: float) -> float:
 def arm_config(spec: AblationSpec, arm: ArmSpec, task: Task, where: str = "arm") -> config.Config:
     """The arm's full config: the preset for its arch, the task's vocabulary and length, the
     spec's budget, the flat-n rule for reasoners (module docstring), then the arm's overrides."""
-    overrides: dict[str, Any] = {"vocab_size": task.vocab_size, "block_size": task.block_size}
+    budget: dict[str, Any] = {}
     if spec.seconds:
-        overrides.update(max_seconds=spec.seconds, max_steps=100_000_000)  # the clock decides
+        budget.update(max_seconds=spec.seconds, max_steps=100_000_000)  # the clock decides
     elif spec.steps:
-        overrides["max_steps"] = spec.steps
-    if arm.arch == "reasoner" and arm.n_steps is not None and not set(arm.set) & set(_DEPTH_KEYS):
-        overrides.update(n_layers=arm.n_steps, depth_min=arm.n_steps, depth_max=arm.n_steps,
-                         depth_eval=arm.n_steps)
-    for key, value in arm.set.items():
+        budget["max_steps"] = spec.steps
+    for key in arm.set:
         try:
             _section, bare = config.split_key(key)
         except ConfigError as e:
             raise ConfigError(f"{where}.set.{key}: unknown config key") from e
         if bare in NOT_APPLIED:
             raise ConfigError(f"{where}.set.{key}: the harness does not apply this key ({NOT_APPLIED[bare]})")
-        overrides[key] = value
     try:
+        overrides = task_overrides(arm.arch, arm.n_steps, task, arm.set, budget)
         cfg = config.preset(spec.preset, arm.arch, **overrides)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    if arm.arch == "reasoner" and arm.n_steps is not None and arm.n_steps > cfg.model.n_layers:
-        raise ConfigError(f"{where}.n_steps: {arm.n_steps} > n_layers {cfg.model.n_layers}")
+    check_arm_depth(cfg, arm.arch, arm.n_steps, where)
     return cfg
+
+
+def task_overrides(arch: str, n_steps: int | None, task: Task, settings: dict[str, Any],
+                   budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides that train `arch` at depth `n_steps` on `task`: the task's vocabulary
+    and length, the budget, the flat-n rule for reasoners (module docstring), then `settings`.
+    An arm's config and a full run's on a task (jobs/train.py) are both built from it, so a full
+    run trains the model the ablation tested."""
+    overrides: dict[str, Any] = {"vocab_size": task.vocab_size, "block_size": task.block_size}
+    overrides.update(budget or {})
+    if arch == "reasoner" and n_steps is not None and not set(settings) & set(_DEPTH_KEYS):
+        overrides.update(n_layers=n_steps, depth_min=n_steps, depth_max=n_steps, depth_eval=n_steps)
+    overrides.update(settings)
+    return overrides
+
+
+def check_arm_depth(cfg: config.Config, arch: str, n_steps: int | None, where: str) -> None:
+    """A reasoner cannot be read at more layers than it owns (`<where>.n_steps`)."""
+    if arch == "reasoner" and n_steps is not None and n_steps > cfg.model.n_layers:
+        raise ConfigError(f"{where}.n_steps: {n_steps} > n_layers {cfg.model.n_layers}")
 
 
 def load_spec_file(path: str | Path) -> AblationSpec:
@@ -332,10 +354,15 @@ def control_spec(name: str) -> AblationSpec:
 
 
 def _depths_for(spec: AblationSpec, cfg: config.Config) -> tuple[int, ...]:
+    return measured_depths(spec.eval_depths, spec.cell, cfg)
+
+
+def measured_depths(eval_depths: tuple[int, ...], cell: PrimaryCell | None,
+                    cfg: config.Config) -> tuple[int, ...]:
     """The test depths an arm is measured at: the spec's, plus the primary cell's for a looped arm."""
-    depths = set(spec.eval_depths)
-    if cfg.model.arch == "refiner" and spec.cell.depth is not None:
-        depths.add(spec.cell.depth)
+    depths = set(eval_depths)
+    if cfg.model.arch == "refiner" and cell is not None and cell.depth is not None:
+        depths.add(cell.depth)
     return tuple(sorted(depths))
 
 
@@ -430,23 +457,34 @@ def _versions() -> dict[str, str]:
 
 
 def _baselines(spec: AblationSpec, task: Task) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Trivial predictors on the same test sets as the arms, per cell, averaged over seeds."""
+    return trivial_baselines(spec.task, task, spec.seed_list, spec.eval_examples, spec.train_max_difficulty)
+
+
+def trivial_baselines(task_name: str, task: Task, seeds: list[int], eval_examples: int, cut: int | None
+                      ) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Trivial predictors on the same test sets as the arms, per cell, averaged over seeds:
+    split -> predictor -> "all" | bucket -> accuracy."""
     from harness.tasks import baseline_cells
     from harness.train_task import data_rng
 
     if task.generative:
         return {s: task.baseline_cells_of(s) for s in task.splits}  # type: ignore[attr-defined]
     out: dict[str, dict[str, dict[str, float | None]]] = {}
-    cut = spec.train_max_difficulty
     for split in task.splits:
         per_seed = []
-        for seed in spec.seed_list:
-            t = make_task(spec.task, None, seed=seed)
-            test = t.test_batch(split, data_rng(seed, split), spec.eval_examples)
+        for seed in seeds:
+            t = make_task(task_name, None, seed=seed)
+            test = t.test_batch(split, data_rng(seed, split), eval_examples)
             per_seed.append(baseline_cells(t, test, t.train_batch(data_rng(seed), 2000, cut), cut))
         out[split] = {name: {c: _mean([b[name][c] for b in per_seed]) for c in per_seed[0][name]}
                       for name in per_seed[0]}
     return out
+
+
+def trivial_on(baselines: dict[str, dict[str, dict[str, float | None]]], cell: PrimaryCell
+               ) -> dict[str, float | None]:
+    """Each trivial predictor's (and reference's, REFERENCES) accuracy on the primary cell."""
+    return {name: cells.get(cell.bucket) for name, cells in baselines.get(cell.split, {}).items()}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -519,7 +557,7 @@ def _summarise(spec: AblationSpec, task: Task, configs: list[config.Config], siz
     verdict = stats.overall_verdict([arms[i]["verdict"] for i in tested])
     from harness.tasks import REFERENCES
 
-    trivial = {name: cells.get(cell.bucket) for name, cells in baselines.get(cell.split, {}).items()}
+    trivial = trivial_on(baselines, cell)
     known = {k: v for k, v in trivial.items() if v is not None and k not in REFERENCES}
     best = max(known, key=lambda k: known[k]) if known else None
     references = {k: v for k, v in trivial.items() if v is not None and k in REFERENCES}

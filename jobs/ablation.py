@@ -114,4 +114,10 @@ def _named(field: str) -> Iterator[None]:
 def run(spec: Spec, ctx: Any) -> dict[str, Any]:
     from harness.ablate import run_ablation
 
-    return run_ablation(resolve(spec), ctx)
+    abl = resolve(spec)
+    result = run_ablation(abl, ctx)
+    # What each arm changed, as the run read it: the gate compares a full run against these
+    # (daemon/admission.py earned_match), not against a spec file that may change later.
+    result["arm_specs"] = [{"name": a.name, "arch": a.arch, "n_steps": a.n_steps, "set": dict(a.set)}
+                           for a in abl.arms]
+    return result

@@ -72,6 +72,9 @@ def run(spec: Spec, ctx: Any) -> dict[str, Any]:
     ckpt_path = checkpoint_of(spec)
     device = torch.device(ctx.device)
     model, cfg, ckpt = load_model(ckpt_path, device)
+    if "data" not in ckpt:  # a task run (train with `task`): its measure is the grid, not a val loss
+        raise ValueError(f"run: {ckpt_path.parent.name} trained on a harness task, not a token corpus; "
+                         "its depth x difficulty grid is in its result (`lab show`) and summary.json")
     data_dir = Path(ckpt["data"]["dir"])
     if not data_dir.is_dir():  # the run moved hosts or tiers: find the dataset by name
         data_dir = dataset_dir(ckpt["data"]["name"], config.paths().runs)

@@ -57,17 +57,21 @@ RUN_ID_KEYS: dict[str, tuple[str, ...]] = {"eval": ("run",), "archive": ("runs",
 # kind gains a field that is in none of these three tables, so a new path key cannot go unchecked.
 NOT_PATHS: dict[str, tuple[str, ...]] = {
     "sleep": ("seconds", "fail", "exit_code", "signal", "child"),
-    "smoke": ("preset", "arch", "steps", "set"),
-    "train": ("preset", "arch", "set", "data", "resume"),  # data: a dataset name, DATASET_NAME_RE
+    "smoke": ("preset", "arch", "steps", "set", "arms"),  # ablation: checked as an ablation (NESTED_SPECS)
+    "train": ("preset", "arch", "set", "data", "resume", "task", "n_steps", "eval_depths", "eval_examples",
+              "train_max_difficulty", "primary", "seed", "arm"),  # data: a dataset name, DATASET_NAME_RE
     "eval": ("n_steps", "batches", "checkpoint"),
-    "tokenize": ("name",),  # a dataset name, DATASET_NAME_RE
+    "tokenize": ("name", "text_field", "force"),  # name: a dataset name, DATASET_NAME_RE
     "ablation": ("control", "arms", "baseline", "task", "seeds", "seed_offset", "steps", "seconds",
                  "preset", "primary", "why", "eval_examples", "eval_depths",
                  "train_max_difficulty", "matched"),
     "archive": ("older_than_days",),
 }
 # Path keys by kind (a key is checked only for the kinds that have it).
-PATH_KEYS: dict[str, tuple[str, ...]] = {"tokenize": ("src",), "ablation": ("spec_file", "task_dir")}
+PATH_KEYS: dict[str, tuple[str, ...]] = {"tokenize": ("src",), "ablation": ("spec_file", "task_dir"),
+                                         "train": ("task_dir",)}
+# Keys that hold a whole spec of another kind, checked as that kind (a smoke of an ablation's arms).
+NESTED_SPECS: dict[str, dict[str, str]] = {"smoke": {"ablation": "ablation"}}
 # Longer than any path a person types; refused before it reaches the filesystem (ENAMETOOLONG).
 MAX_PATH_CHARS = 1024
 # The files of the queue's SQLite database besides the database itself.
@@ -94,6 +98,12 @@ def check_spec_paths(kind: str, values: Mapping[str, Any], root: Path | str = CH
                 _check_task_files(f"{kind}.{key}", given, root)
             if key == "spec_file":
                 _check_spec_file(f"{kind}.{key}", given, resolved, root)
+    for key, inner in NESTED_SPECS.get(kind, {}).items():
+        if isinstance(values.get(key), Mapping):
+            try:
+                check_spec_paths(inner, values[key], root)
+            except ConfigError as e:
+                raise ConfigError(f"{kind}.{key}.{str(e).removeprefix(inner + '.')}") from None
 
 
 def check_run_id(run: str, where: str) -> str:

@@ -681,6 +681,52 @@ def _param_count(run_cfg: dict[str, Any], logv: dict[str, str], ckpt: Path) -> i
     return int(sum(t.numel() for t in model.values() if hasattr(t, "numel")))
 
 
+def task_grid_lines(result: dict[str, Any], beside: dict[str, Any] | None = None,
+                    beside_job: Any = None) -> list[str]:
+    """A task run's depth x difficulty grid as markdown tables, one per split (the primary's
+    split first), each cell the full run's accuracy and, in brackets, that of the ablation arm
+    it scales (`beside`: the arm's entry of the ablation's result, its `grid` the mean over
+    seeds). Empty for a run without a grid."""
+    grid = result.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        return []
+    depths = sorted(grid, key=lambda d: int(d) if str(d).isdigit() else 0)
+    splits = list(next(iter(grid.values())) or {})
+    primary = (result.get("primary") or {}).get("cell") or ""
+    first = primary.split(":")[0].split("@")[0]
+    splits.sort(key=lambda sp: sp != first)
+    theirs = (beside or {}).get("grid") or {}
+    lines: list[str] = []
+    if beside:
+        lines += [f"Each cell: the full run's accuracy, and in brackets the ablation arm "
+                  f"{_code(beside.get('name'))}'s (job {_text(beside_job)}, mean over its seeds) where it "
+                  "was measured at that depth.", ""]
+    for split in splits:
+        cells = list(grid[depths[0]].get(split) or {})
+        lines += [f"Split {_code(split)}: difficulty bucket (rows) x test depth (columns)", "",
+                  "| bucket | " + " | ".join(_text(d) for d in depths) + " |",
+                  "|---|" + "---:|" * len(depths)]
+        for c in cells:
+            row = []
+            for d in depths:
+                mine = _fmt((grid[d].get(split) or {}).get(c))
+                other = ((theirs.get(split) or {}).get(str(d)) or {}).get(c)
+                row.append(mine + (f" ({_fmt(other)})" if _num(other) is not None else ""))
+            lines.append(f"| {_text(c)} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def earning_arm(result: dict[str, Any], earned_by: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The ablation arm a task run scales (its result's `arm`, in the earning ablation's
+    result), or (None, None) when the queue does not know it."""
+    if earned_by is None or not result.get("arm"):
+        return None, None
+    row = _job_row(str(earned_by))
+    arms = ((row or {}).get("result") or {}).get("arms") or []
+    return next((a for a in arms if a.get("name") == result["arm"]), None), earned_by
+
+
 def write_card(job: str, name: str) -> dict[str, Any]:
     """Write docs/registry/NAME.md for a finished training run (it must have a checkpoint)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", name):
@@ -729,6 +775,15 @@ def write_card(job: str, name: str) -> dict[str, Any]:
     lines += [f"| step {last.get('step')} {k} | {v} |" for k, v in last.items()
               if k not in ("time", "event", "step")]
     lines += [f"| {k} (log) | {v} |" for k, v in logv.items()]
+    result = (row or {}).get("result") or {}
+    grid = task_grid_lines(result, *earning_arm(result, (row or {}).get("earned_by")))
+    if grid:
+        cell = result.get("primary") or {}
+        lines += ["", "## Task grid", "",
+                  f"Trained and measured on task {_code(result.get('task'))}; primary cell "
+                  f"{_code(cell.get('cell'))}: {_fmt(cell.get('accuracy'))}. Trivial baselines on it: "
+                  + (", ".join(f"{_text(k)} {_fmt(v)}" for k, v in (result.get("trivial") or {}).items())
+                     or "-") + ".", "", *grid]
     lines += ["", "## Checkpoint", "", f"- path: `{hot_ckpt}` ({human_bytes(ckpt.stat().st_size)})",
               f"- sha256: `{sha}`", f"- storage tier when registered: {tier} "
               f"(`lab restore {job}` brings a cold run back)", "",

@@ -163,48 +163,85 @@ def test_kinds_lists_sleep_with_its_fields(store: Store) -> None:
     assert fields["seconds"]["type"] == "float" and fields["seconds"]["default"] == 1.0
 
 
+ARMS = [{"name": "flat-1", "arch": "reasoner", "n_steps": 1, "set": {}},
+        {"name": "wide", "arch": "refiner", "n_steps": 4, "set": {"depth_min": 2, "depth_max": 8}}]
+
+
 def _ablation(store: Store, status: str, verdict: str) -> int:
+    """A finished ablation whose tested arm `wide` (a refiner trained at depths 2-8) got `verdict`."""
     job_id = store.submit("ablation", "cpu", {}, timeout_s=60, max_attempts=1)
-    finish(store, job_id, status, {"verdict": verdict})
+    finish(store, job_id, status, {"verdict": verdict, "baseline": "flat-1", "primary": "test",
+                                   "arm_specs": ARMS,
+                                   "arms": [{"name": "flat-1", "verdict": "baseline"},
+                                            {"name": "wide", "verdict": verdict}]})
     return job_id
 
 
-def test_rtx2060_gate(store: Store) -> None:
+FULL = {"flops": 1e18, "budget_s": None}  # a cost above config.GATE
+SMALL = {"flops": 1e9, "budget_s": None}
+
+
+def test_the_gate_reads_cost_and_identity(store: Store) -> None:
     won = _ablation(store, "succeeded", "better")
     lost = _ablation(store, "succeeded", "inconclusive")
     crashed = _ablation(store, "failed", "better")
-    spec = {"preset": "rtx2060"}
-    with pytest.raises(service.GateError, match="--earned-by: a train job with preset rtx2060"):
-        service.check_gate(store, "train", "gpu", spec, None, False, None)
-    with pytest.raises(service.GateError, match="verdict 'inconclusive'"):
-        service.check_gate(store, "train", "gpu", spec, lost, False, None)
+    same = {"preset": "rtx2060", "arch": "refiner", "n_steps": 4,
+            "set": {"depth_min": 2, "depth_max": 8, "d_model": 768, "max_steps": 20000}}
+    with pytest.raises(service.GateError, match="is a full run .* and was not earned: give --earned-by"):
+        service.check_gate(store, "train", "gpu", same, None, False, None, FULL)
+    with pytest.raises(service.GateError, match="has verdict wide 'inconclusive'"):
+        service.check_gate(store, "train", "gpu", same, lost, False, None, FULL)
     with pytest.raises(service.GateError, match="is failed, not succeeded"):
-        service.check_gate(store, "train", "gpu", spec, crashed, False, None)
+        service.check_gate(store, "train", "gpu", same, crashed, False, None, FULL)
     with pytest.raises(service.GateError, match="needs --reason"):
-        service.check_gate(store, "train", "gpu", spec, None, True, "  ")
-    service.check_gate(store, "train", "gpu", spec, won, False, None)
-    service.check_gate(store, "train", "gpu", spec, None, True, "baseline run for the paper")
-    service.check_gate(store, "train", "cpu", spec, None, False, None)  # only the GPU lane is gated
-    service.check_gate(store, "train", "gpu", {"preset": "tiny"}, None, False, None)
+        service.check_gate(store, "train", "gpu", same, None, True, "  ", FULL)
+    # Another change than the arm that won: refused, naming what each arm changed.
+    other = {**same, "set": {"depth_min": 1, "depth_max": 8}}
+    with pytest.raises(service.GateError, match="no tested arm of ablation .* made this run's change"):
+        service.check_gate(store, "train", "gpu", other, won, False, None, FULL)
+    earned = service.check_gate(store, "train", "gpu", same, won, False, None, FULL)
+    assert earned == (f"full run (1e+18 training FLOPs (the full-run threshold is 1e+15)), "
+                      f"earned by ablation {won}, arm wide")
+    forced = service.check_gate(store, "train", "gpu", same, None, True, "paper baseline", FULL)
+    assert forced is not None and forced.endswith("forced: paper baseline")
+    assert service.check_gate(store, "train", "cpu", same, None, False, None, FULL) is None  # GPU only
+    assert service.check_gate(store, "train", "gpu", same, None, False, None, SMALL) is None  # below it
+    with pytest.raises(service.GateError, match="this smoke job is a full run"):
+        service.check_gate(store, "smoke", "gpu", {}, won, False, None, FULL)
 
 
-def test_rtx2060_gate_through_submit(store: Store) -> None:
-    if "train" not in jobs.kind_names():
-        pytest.skip("the train kind does not exist yet")
-    fields = {f.name for f in __import__("dataclasses").fields(jobs.get_kind("train").spec)}
-    if "preset" not in fields:
-        pytest.skip("the train kind has no preset field")
+def test_the_gate_through_submit(store: Store) -> None:
     won = _ablation(store, "succeeded", "better")
+    same = ["--set", "preset=rtx2060_task", "--set", "task=khop", "--set", "arch=refiner", "--set",
+            "n_steps=4", "--set", "set={depth_min = 2, depth_max = 8}"]
     code, _, err = lab("submit", "train", "--lane", "gpu", "--set", "preset=rtx2060")
-    assert code == 2 and "--earned-by" in err and store.list_jobs(kind="train") == []
-    code, out, err = lab("submit", "train", "--lane", "gpu", "--set", "preset=rtx2060", "--earned-by",
-                         str(won), "--json")
+    assert code == 2 and "--earned-by" in err and "full run" in err and store.list_jobs(kind="train") == []
+    code, out, err = lab("submit", "train", "--lane", "gpu", *same, "--earned-by", str(won), "--json")
     assert code == 0, err
-    assert json.loads(out)["earned_by"] == won
+    job = json.loads(out)
+    assert job["earned_by"] == won and job["cost"]["flops"] > 1e15
+    assert any(e["kind"] == "gate" for e in service.show(job["id"], events=True)["events"])
     code, out, err = lab("submit", "train", "--lane", "gpu", "--set", "preset=rtx2060", "--force",
                          "--reason", "calibration run", "--json")
     assert code == 0, err
     assert json.loads(out)["force_reason"] == "calibration run"
+
+
+def test_the_two_bypasses_are_refused_saying_what_would_earn_the_run(store: Store) -> None:
+    """A smoke with a huge step count and a `tiny` train made big by overrides were both full
+    runs the old gate let through (it read only kind == train and the preset's name)."""
+    code, _, err = lab("submit", "smoke", "--lane", "gpu", "--set", "steps=100000", "--set", "preset=rtx2060")
+    assert code == 2 and "smoke.steps" in err
+    code, _, err = lab("submit", "smoke", "--lane", "gpu", "--set", "steps=1000", "--set", "preset=rtx2060")
+    assert code == 2 and "full run" in err and "--earned-by" in err
+    code, _, err = lab("submit", "train", "--lane", "gpu", "--set", "preset=tiny", "--set",
+                       "set={d_model = 1024, n_heads = 16, block_size = 1024, max_steps = 20000}")
+    assert code == 2 and "full run" in err and "same change" in err and "lab submit idea" in err
+    assert store.list_jobs() == []
+    code, out, _ = lab("submit", "train", "--lane", "gpu", "--set", "preset=tiny", "--dry-run", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["queued"] is False and plan["full_run"] is False and plan["cost"]["flops"] > 0
+    assert store.list_jobs() == []
 
 
 def test_a_retried_held_job_comes_back_blocked(store: Store) -> None:

@@ -19,6 +19,7 @@ from github_server import FAULT_KINDS, FakeGitHub
 from helpers_daemon import ROOT, lab, queue_env, start_daemon, stop_daemon, wait_for
 from sqlalchemy import text
 
+import jobs
 from bridge import github, render
 from bridge.outbox import Outbox
 from store import FINAL, Store
@@ -226,14 +227,38 @@ def test_issue_form_and_readme_example_produce_valid_specs() -> None:
            "### Lane you suggest\n\ncpu"
     for lane in ("cpu", "gpu"):
         assert github.parse_issue_spec(body, [lane], 1).kind == "sleep"
-    readme = (ROOT / "README.md").read_text().split("## From issue to result")[1]
+    readme = (ROOT / "README.md").read_text().split("## From issue to result")[1].split("\n## ")[0]
     example = "\n".join(x[4:] if x.startswith("    ") else x for x in readme.splitlines())
     spec = github.parse_issue_spec(example, ["cpu"], 1)
     assert spec.kind == "ablation" and spec.spec["baseline"] == "flat-2" and spec.spec["primary"] == "hops3"
-    import jobs
     from jobs.ablation import resolve
 
     resolve(jobs.parse_spec("ablation", spec.spec))  # the harness accepts it: primary names a cell
+
+
+def test_the_idea_form_and_the_readme_idea_produce_valid_ideas() -> None:
+    """The Idea issue form's spec, as GitHub renders it, and the README's idea example are ideas
+    the pipeline accepts, their full run included (the same spec_file, pre-registered)."""
+    from daemon import pipeline
+
+    lines = (ROOT / ".github/ISSUE_TEMPLATE/idea.yml").read_text().splitlines()
+    block = lines[lines.index("    id: spec"):]
+    value = []
+    for line in block[block.index("      value: |") + 1:]:
+        if line.strip() and not line.startswith("        "):
+            break
+        value.append(line[8:])
+    body = "### Spec\n\n```toml\n" + "\n".join(value).strip() + "\n```\n"
+    readme = (ROOT / "README.md").read_text().split("## Ideas: one issue, one pipeline")[1].split("\n## ")[0]
+    example = "\n".join(x[4:] if x.startswith("    ") else x for x in readme.splitlines())
+    for issue_body in (body, example):
+        spec = github.parse_issue_spec(issue_body, ["cpu"], 1)
+        assert spec.kind == "idea" and spec.spec["arm"] == "refiner-wide"
+        idea = pipeline.parse_idea(spec.spec)
+        assert pipeline.resolved_ablation(idea).primary == "sparse:7-8@16"
+        full = pipeline.full_spec(idea)
+        assert full["preset"] == "rtx2060_task" and full["task"] == "chase"
+        jobs.parse_spec("train", full)
 
 
 BAD_SPECS = [

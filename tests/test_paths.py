@@ -205,11 +205,22 @@ def test_every_field_of_every_kind_is_classified() -> None:
     it names none in NOT_PATHS: otherwise the check would let it through unseen."""
     for kind in jobs.kind_names():
         known = {*paths.PATH_KEYS.get(kind, ()), *paths.RUN_ID_KEYS.get(kind, ()),
-                 *paths.NOT_PATHS.get(kind, ())}
+                 *paths.NOT_PATHS.get(kind, ()), *paths.NESTED_SPECS.get(kind, {})}
         fields = {f.name for f in dataclasses.fields(jobs.get_kind(kind).spec)}
         assert fields == known, f"{kind}: classify {sorted(fields ^ known)} in jobs/paths.py"
     for key in {k for keys in paths.PATH_KEYS.values() for k in keys}:
         assert ALLOWED_ROOTS[key]
+
+
+@pytest.mark.parametrize("kind, values, field", [
+    ("train", {"task_dir": "/etc"}, "train.task_dir"),
+    ("smoke", {"ablation": {"task_dir": "../../x"}}, "smoke.ablation.task_dir"),
+    ("smoke", {"ablation": {"spec_file": "/etc/passwd"}}, "smoke.ablation.spec_file"),
+])
+def test_a_task_run_and_a_smoke_of_arms_are_checked_too(kind: str, values: dict, field: str) -> None:
+    """The full run's task directory and the ablation a smoke carries inside it name files too."""
+    with pytest.raises(ConfigError, match=f"^{field}: .*outside the lab"):
+        paths.check_spec_paths(kind, values)
 
 
 def test_the_allowed_roots_hold_no_secret() -> None:
