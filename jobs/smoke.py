@@ -38,7 +38,8 @@ class SmokeFailed(RuntimeError):
 class Spec(Validated):
     preset: str = "tiny"
     arch: str | None = None  # None: config.default_arch()
-    steps: int = setting(40, 4, config.SMOKE_MAX_STEPS, "optimizer steps")
+    # The range is wide so that a long smoke is refused below, saying what a longer run is.
+    steps: int = setting(40, 4, 100_000_000, f"optimizer steps (at most {config.SMOKE_MAX_STEPS})")
     set: dict = field(default_factory=dict)  # config overrides by key
     ablation: dict | None = None  # an inline ablation spec (a harness/specs/*.toml's keys): smoke its arms
     arms: tuple[str, ...] | None = None  # the ablation's arms to smoke (default: all of them)
@@ -46,6 +47,12 @@ class Spec(Validated):
     def _check_relations(self) -> None:
         from jobs.train import check_config
 
+        if self.steps > config.SMOKE_MAX_STEPS:
+            raise ConfigError(
+                f"smoke.steps: {self.steps} steps is not a smoke (at most {config.SMOKE_MAX_STEPS}, "
+                "config.SMOKE_MAX_STEPS); a longer run is a `train` job, and a full run is earned by "
+                "an ablation: `lab submit idea --spec idea.toml`, or `lab submit train --earned-by "
+                "ABLATION_JOB`")
         if self.ablation is None:
             if self.arms is not None:
                 raise ConfigError("smoke.arms: names arms of an ablation; give `ablation` too")

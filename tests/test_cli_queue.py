@@ -231,7 +231,7 @@ def test_the_two_bypasses_are_refused_saying_what_would_earn_the_run(store: Stor
     """A smoke with a huge step count and a `tiny` train made big by overrides were both full
     runs the old gate let through (it read only kind == train and the preset's name)."""
     code, _, err = lab("submit", "smoke", "--lane", "gpu", "--set", "steps=100000", "--set", "preset=rtx2060")
-    assert code == 2 and "smoke.steps" in err
+    assert code == 2 and "smoke.steps: 100000 steps is not a smoke" in err and "--earned-by" in err
     code, _, err = lab("submit", "smoke", "--lane", "gpu", "--set", "steps=1000", "--set", "preset=rtx2060")
     assert code == 2 and "full run" in err and "--earned-by" in err
     code, _, err = lab("submit", "train", "--lane", "gpu", "--set", "preset=tiny", "--set",
