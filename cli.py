@@ -9,8 +9,10 @@ Nothing imports this module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -37,14 +39,70 @@ class Failed(click.ClickException):
     exit_code = EXIT_FAILED
 
 
+class JsonError(click.ClickException):
+    """An error of a command run with --json: one JSON document on stderr, so an agent parses it
+    (`{"error", "field", "exit_code"}`) instead of scraping `Error: ...`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        m = re.match(r"([^\s:]+): ", self.message)  # errors name their field first: `train.lr: ...`
+        click.echo(json.dumps({"error": self.message, "field": m.group(1) if m else None,
+                               "exit_code": self.exit_code}, ensure_ascii=False), err=True)
+
+
 class LabGroup(click.Group):
-    """Turns the project's validation errors into `Error: ...` with exit 2, wherever raised."""
+    """Turns the project's validation errors into `Error: ...` with exit 2, wherever raised (as
+    JSON on stderr when the command was given --json); `lab --help` lists commands by topic."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        wants_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]
         try:
-            return super().invoke(ctx)
-        except (ConfigError, FileNotFoundError) as e:
-            raise BadInput(str(e)) from None
+            try:
+                return super().invoke(ctx)
+            except (ConfigError, FileNotFoundError) as e:
+                raise BadInput(str(e)) from None
+        except click.ClickException as e:
+            if not wants_json or isinstance(e, JsonError):
+                raise
+            raise JsonError(e.format_message(), e.exit_code) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Commands grouped by topic, as `gh --help` does, each with its whole first line."""
+        names = self.list_commands(ctx)
+        placed = {n for _, group in TOPICS for n in group}
+        topics = [*TOPICS, ("Other", [n for n in names if n not in placed])]
+        for title, group in topics:
+            rows = []
+            for name in group:
+                cmd = self.get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, _summary(cmd)))
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _summary(cmd: click.Command) -> str:
+    """A command's whole first paragraph, on one line: click's short help cuts it at 45 chars."""
+    if cmd.short_help:
+        return cmd.short_help
+    first = inspect.cleandoc(cmd.help or "").split("\n\n")[0]
+    return " ".join(first.replace("\b", "").split())
+
+
+# `lab --help` by topic; a command missing here is listed under "Other".
+TOPICS: list[tuple[str, list[str]]] = [
+    ("Models", ["smoke", "train", "eval", "tokenize"]),
+    ("Ablations and ideas", ["ablate", "pipeline", "compare"]),
+    ("Queue", ["daemon", "submit", "status", "next", "jobs", "show", "logs", "wait", "cancel", "retry",
+               "kinds", "agent"]),
+    ("GitHub", ["github", "labels"]),
+    ("Records", ["finding", "register", "registry", "runs", "archive", "restore"]),
+    ("Operations", ["service", "mcp"]),
+]
 
 
 def emit(data: Any, as_json: bool, text: Callable[[Any], str] | str | None = None) -> None:
@@ -80,7 +138,8 @@ def main() -> None:
 
 def _set_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                        help="Override a config or spec key (repeatable), e.g. --set d_model=128.")
+                        help="A config key (--set d_model=128, an override) or a spec field (--set "
+                             "preset=tiny); repeatable; values are TOML.")
 
 
 # --- model and training commands (models/, jobs/smoke, jobs/train, jobs/tokenize) -------------
@@ -168,8 +227,7 @@ def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data:
     from models.train import TrainingDiverged
 
     values: dict[str, Any] = resume_values(resume_run) if resume_run else {}
-    overrides = config.parse_assignments(sets)
-    values["set"] = {**values.get("set", {}), **overrides}
+    values.update(config.parse_assignments(sets))  # config keys join the overrides (jobs.route_sets)
     for key, value in (("preset", preset), ("arch", arch), ("data", data)):
         if value is not None:
             values[key] = value
@@ -183,6 +241,18 @@ def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data:
     emit(result, as_json, _run_text)
 
 
+def _smoke_text(r: dict[str, Any]) -> str:
+    head = f"smoke {'ok' if r['ok'] else 'FAILED'}: {r['reason']}"
+    if r.get("arms"):
+        return "\n".join([head] + [f"  {name}: {'ok' if a['ok'] else 'FAILED'}: {a['reason']}"
+                                    for name, a in r["arms"].items()])
+    rows = [("preset / arch", f"{r.get('preset')} / {r.get('arch')} on {r.get('device')}"),
+            ("parameters", _sig(r.get("params"))), ("steps", r.get("steps")),
+            ("eval loss", f"{_sig(r.get('val_loss_start'))} -> {_sig(r.get('val_loss'))}"),
+            ("peak memory", f"{_sig(r.get('peak_mem_mb'))} MB"), ("took", f"{_sig(r.get('seconds'))} s")]
+    return "\n".join([head] + [f"  {k:<13}  {v}" for k, v in rows if "None" not in str(v)])
+
+
 @main.command("smoke")
 @click.option("--preset", default="tiny", show_default=True, help="tiny | ablation | rtx2060")
 @click.option("--arch", default=None, help="refiner | reasoner  [default: config.MODEL_ARCH]")
@@ -193,7 +263,7 @@ def train_cmd(preset: str | None, arch: str | None, sets: tuple[str, ...], data:
 def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str, ...], device: str,
               as_json: bool) -> None:
     """Build the model, train a few dozen steps on the sample text, check that the loss falls
-    and nothing is NaN. Prints a JSON result; exit 1 if the check fails.
+    and nothing is NaN; exit 1 if the check fails (--json prints the whole result).
 
     \b
     Example:
@@ -203,13 +273,13 @@ def smoke_cmd(preset: str, arch: str | None, steps: int | None, sets: tuple[str,
     import jobs
     from jobs.smoke import check
 
-    values: dict[str, Any] = {"preset": preset, "arch": arch, "set": config.parse_assignments(sets)}
+    values: dict[str, Any] = {"preset": preset, "arch": arch, **config.parse_assignments(sets)}
     if steps is not None:
         values["steps"] = steps
     spec = jobs.parse_spec("smoke", values)
     with _foreground("smoke", device) as ctx:
         result = check(spec, ctx)
-    emit(result, True)
+    emit(result, as_json, _smoke_text)
     if not result["ok"]:
         raise Failed(f"smoke: {result['reason']}")
 
@@ -338,25 +408,68 @@ def ablate_cmd(spec_file: str | None, control: str | None, sets: tuple[str, ...]
 # --- queue commands (daemon/, workers/) -------------------------------------------------------
 
 
+def _sig(v: Any) -> str:
+    """Numbers for people (common.sig: three significant digits); --json keeps every digit."""
+    import common
+
+    return common.sig(v, missing="-")
+
+
 def _job_text(j: dict[str, Any]) -> str:
+    """`lab show` for a person: sections, not one JSON line."""
     lines = [f"job {j['id']}: {j['kind']} on lane {j['lane']}: {j['status']}"]
-    if j.get("run_files"):
-        rf = j["run_files"]
-        where = "" if rf["here"] else " (not this host)"
-        lines.append(f"  run files: on host {rf['host']} at {rf['path']}{where}")
-    for key in ("spec", "priority", "after", "issue", "want_host", "host", "run_dir", "created_at",
-                "started_at", "finished_at", "attempts", "exit_code", "error", "earned_by", "force_reason",
-                "progress", "result"):
-        if key == "spec" and j.get("cost"):
-            lines.append(f"  cost: {_cost_text(j['cost'])}")
-        if key == "spec" and j.get("pipeline"):
-            pl = j["pipeline"]
-            lines.append(f"  pipeline: {pl['id']}, stage {pl['stage']} ({pl['role']}, round {pl['round']})")
-        if j.get(key) not in (None, {}, ""):
-            value = json.dumps(j[key], default=str) if isinstance(j[key], dict) else j[key]
-            lines.append(f"  {key}: {value}")
-    for e in j.get("events") or []:
-        lines.append(f"  {e['at']} {e['kind']}: {e['message']}")
+
+    def section(title: str, rows: list[tuple[str, Any]]) -> None:
+        rows = [(k, v) for k, v in rows if v not in (None, {}, "", [])]
+        if rows:
+            lines.extend(["", f"{title}:"])
+            width = max(len(k) for k, _ in rows)
+            lines.extend(f"  {k:<{width}}  {v}" for k, v in rows)
+
+    spec = j.get("spec") or {}
+    section("Spec", [(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)
+                     for k, v in spec.items()])
+    pl = j.get("pipeline")
+    section("Queue", [("priority", j.get("priority") or None), ("after", j.get("after")),
+                      ("issue", j.get("issue")), ("host wanted", j.get("want_host")),
+                      ("cost", _cost_text(j["cost"]) if j.get("cost") else None),
+                      ("earned by", j.get("earned_by")), ("forced", j.get("force_reason")),
+                      ("pipeline", f"{pl['id']}, stage {pl['stage']} ({pl['role']}, round {pl['round']})"
+                       if pl else None)])
+    section("Times (UTC)", [("created", j.get("created_at")), ("started", j.get("started_at")),
+                            ("finished", j.get("finished_at"))])
+    progress = j.get("progress") or {}
+    section("Outcome", [("attempts", f"{j.get('attempts')} of {j.get('max_attempts')}"),
+                        ("exit code", j.get("exit_code")), ("error", j.get("error")),
+                        ("progress", _progress_text(progress).strip() if j["status"] == "running" else None)])
+    result = j.get("result")
+    if isinstance(result, dict) and result:
+        lines.extend(["", "Result:"])
+        arms = result.get("arms") if isinstance(result.get("arms"), list) else None
+        if arms:
+            lines.append(f"  verdict {result.get('verdict')} on {result.get('primary')}: "
+                         f"{result.get('verdict_line', '')}")
+            lines.append(f"  {'ARM':<16} {'MEAN':>6} {'95% CI':<16} {'VS BASELINE':<24} VERDICT")
+            for a in arms:
+                d = a.get("diff") or {}
+                ci = f"[{_sig(a.get('ci_low'))}, {_sig(a.get('ci_high'))}]"
+                vs = (f"{d.get('mean', 0):+.3f} [{d.get('ci_low', 0):+.3f}, {d.get('ci_high', 0):+.3f}]"
+                      if d.get("mean") is not None else "-")
+                lines.append(f"  {str(a.get('name')):<16} {_sig(a.get('mean')):>6} {ci:<16} {vs:<24} "
+                             f"{a.get('verdict')}")
+        shown = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        width = max((len(k) for k in shown), default=0)
+        lines.extend(f"  {k:<{width}}  {_sig(v)}" for k, v in shown.items())
+        nested = [k for k, v in result.items() if isinstance(v, (dict, list))]
+        if nested:
+            lines.append(f"  (also {', '.join(nested)}: `lab show {j['id']} --json`)")
+    rf = j.get("run_files")
+    if rf:
+        section("Files", [("host", rf["host"] + ("" if rf["here"] else " (not this host)")),
+                          ("path", rf["path"]), ("tier", rf.get("tier"))])
+    if j.get("events"):
+        lines.extend(["", "Events:"])
+        lines.extend(f"  {e['at']}  {e['kind']}: {e['message']}" for e in j["events"])
     return "\n".join(lines)
 
 
@@ -386,6 +499,8 @@ def _status_text(s: dict[str, Any]) -> str:
     lines.append(f"disk: {disk['free_gb']} GB free under {disk['path']} (min {disk['min_free_gb']:g} GB)")
     for p in s.get("pipelines") or []:
         lines.append(_pipeline_line(p))
+    if s["jobs"]:
+        lines.append(f"  {'ID':>5} {'KIND':<9} {'LANE':<3} {'STATUS':<9} PROGRESS / ERROR")
     for j in s["jobs"]:
         lines.append(f"  {j['id']:>5} {j['kind']:<9} {j['lane']:<3} {j['status']:<9}"
                      f"{_progress_text(j['progress'])}{'  ' + j['error'] if j.get('error') else ''}")
@@ -597,6 +712,54 @@ def _pipeline_text(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@main.command("agent")
+@click.option("--once", is_flag=True, help="Run at most one turn (only if one is due), then exit (cron).")
+@click.option("--claude", default=None, metavar="PATH",
+              help="The Claude Code executable  [default: env LAB_CLAUDE, else `claude` on PATH]")
+@click.option("--idle-seconds", type=click.FloatRange(0.01, 86_400.0), default=None,
+              help="Sleep this long when nothing is due  [default: config AGENT.idle_seconds]")
+@click.option("--turn-timeout", type=click.FloatRange(0.1, 86_400.0), default=None, metavar="SECONDS",
+              help="Kill a turn (its process group) after this long  [default: AGENT.turn_timeout_seconds]")
+@click.option("--max-turns", type=click.IntRange(1, 10_000), default=None,
+              help="Passed to claude as --max-turns  [default: AGENT.max_turns]")
+@click.option("--stop-file", default=None, metavar="PATH",
+              help="Stop before the next turn while this file exists  [default: $LAB_RUNS/agent/STOP]")
+@click.option("--cwd", default=None, metavar="DIR",
+              help="The checkout claude runs in (its .claude/settings.json applies)  [default: this repo]")
+@json_option
+def agent_cmd(once: bool, claude: str | None, idle_seconds: float | None, turn_timeout: float | None,
+              max_turns: int | None, stop_file: str | None, cwd: str | None, as_json: bool) -> None:
+    """Run the agent around the clock: Claude Code headless, one turn at a time.
+
+    A turn (`claude -p <AGENT_TURN.md> --output-format json --max-turns N`, in the checkout, so
+    the guard hook and the MCP server apply) starts when `lab next` has something or a job has
+    ended since the last turn; otherwise it sleeps. A failed turn is followed by a backoff that
+    doubles up to AGENT.backoff_max_seconds. Each turn is one JSON line in
+    $LAB_RUNS/agent/turns.jsonl, its stdout in turn-<n>.json. SIGTERM/SIGINT stops the running
+    turn and exits 0; so does the stop file, before the next turn. A second `lab agent` exits 1
+    at once (the lock names the holder's pid). With --once, exit 1 when the turn failed.
+
+    Example: lab agent --turn-timeout 1800 --max-turns 40 --json
+    """
+    from daemon import agent
+
+    try:
+        opts = agent.options(claude=claude, cwd=cwd, stop_file=stop_file, idle_seconds=idle_seconds,
+                             turn_timeout=turn_timeout, max_turns=max_turns, once=once)
+        loop = agent.AgentLoop(opts)
+    except agent.AgentError as e:
+        raise BadInput(str(e)) from None
+    try:
+        summary = loop.run()
+    except agent.AlreadyRunning as e:
+        raise Failed(str(e)) from None
+    s = summary
+    emit(s, as_json, f"lab agent stopped ({s['stopped_by']}): {s['turns']} turn(s), {s['ok']} ok, "
+                     f"{s['failed']} failed ({s['timed_out']} timed out); log {s['log']}")
+    if once and summary["failed"]:
+        sys.exit(EXIT_FAILED)
+
+
 @main.command("status")
 @json_option
 def status_cmd(as_json: bool) -> None:
@@ -614,6 +777,90 @@ def status_cmd(as_json: bool) -> None:
     if bridge is not None:
         status["bridge"] = bridge
     emit(status, as_json, lambda s: "\n".join([_status_text(s), *github.status_lines(s.get("bridge"))]))
+
+
+@main.command("next")
+@click.option("--dismiss", default=None, metavar="KEY", help="Take item KEY off the list (needs --reason).")
+@click.option("--reason", default=None, help="Why the dismissed item needs no action (recorded).")
+@json_option
+def next_cmd(dismiss: str | None, reason: str | None, as_json: bool) -> None:
+    """What needs attention, ranked: each item with its reason and the exact command (and MCP
+    call) that deals with it. An empty list says so, and what runs and when it should end.
+
+    Items: no daemon alive while work waits, the disk guard, a stopped idea pipeline, a spec
+    marked needs-fix, GitHub writes the bridge gave up on, failed jobs, finished ablations
+    without a finding. An item goes when what it points at changes, or with --dismiss.
+
+    \b
+    Examples:
+      lab next --json
+      lab next --dismiss job:12 --reason "superseded by job 14"
+    """
+    from daemon import attention
+
+    if dismiss is not None:
+        emit(attention.dismiss(dismiss, reason or ""), as_json, lambda d: f"dismissed {d['dismissed']}")
+        return
+    emit(attention.needs_attention(), as_json, _next_text)
+
+
+def _next_text(d: dict[str, Any]) -> str:
+    if d["empty"]:
+        return d["summary"]
+    lines = [f"{'#':>2}  {'KEY':<16} {'WHAT':<17} REASON / COMMAND"]
+    for n, i in enumerate(d["items"], 1):
+        lines.append(f"{n:>2}  {i['key']:<16} {i['kind']:<17} {i['reason']}")
+        lines.append(f"{'':>2}  {'':<16} {'':<17} $ {i['command']}")
+    return "\n".join(lines)
+
+
+@main.command("jobs")
+@click.option("--status", default=None, help="queued, blocked, running, succeeded, failed, cancelled, "
+                                             "active or final.")
+@click.option("--kind", default=None, help="Only this job kind.")
+@click.option("--issue", type=int, default=None, help="Only jobs linked to this GitHub issue.")
+@click.option("--since", default=None, help="Created since: an age (30m, 6h, 2d) or an ISO time.")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many, newest first.")
+@json_option
+def jobs_cmd(status: str | None, kind: str | None, issue: int | None, since: str | None, limit: int,
+             as_json: bool) -> None:
+    """List jobs, newest first, filtered by status, kind, issue and age.
+
+    \b
+    Examples:
+      lab jobs --status failed --since 1d --json
+      lab jobs --kind ablation --limit 5
+    """
+    from daemon import service
+
+    emit(service.list_jobs(status, kind, issue, since, limit), as_json, lambda d: _jobs_table(d["jobs"]))
+
+
+def _jobs_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no jobs match"
+    lines = [f"{'ID':>5}  {'KIND':<9} {'LANE':<4} {'STATUS':<9} {'ISSUE':>5}  {'CREATED (UTC)':<20} ERROR"]
+    for j in rows:
+        lines.append(f"{j['id']:>5}  {j['kind']:<9} {j['lane']:<4} {j['status']:<9} {j['issue'] or '-':>5}  "
+                     f"{(j['created_at'] or '')[:19]:<20} {(j.get('error') or '')[:60]}")
+    return "\n".join(lines)
+
+
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@json_option
+def compare_cmd(a: str, b: str, as_json: bool) -> None:
+    """Two runs or two ablations side by side: metrics with deltas (B - A), the config diff, the
+    verdicts. A and B are run ids (a job id, or a run's directory name under $LAB_RUNS).
+
+    \b
+    Example:
+      lab compare 12 14 --json
+    """
+    from records.compare import compare, compare_text
+
+    emit(compare(a, b), as_json, compare_text)
 
 
 @main.command("show")
@@ -1017,11 +1264,13 @@ def restore_cmd(run: str, as_json: bool) -> None:
 
     Example: lab restore 12 --json
     """
+    import records
     from records import archive
 
     _check_named_run(run)  # the same answer as `lab archive` for a run that is not there
     out = _record_call(archive.restore_run, run)
-    emit(out, as_json, lambda r: f"restored {r['run']}: {r['files']} files, {r['bytes']} B -> {r['path']}")
+    emit(out, as_json, lambda r: f"restored {r['run']}: {r['files']} files, "
+                               f"{records.human_bytes(r['bytes'])} -> {r['path']}")
 
 
 @main.group("service")
@@ -1046,10 +1295,13 @@ def service_group() -> None:
                    "user one.")
 @click.option("--token-via", type=click.Choice(["stdin", "credential"]), default=None,
               help="System service: how systemd hands the token over  [default: stdin]")
+@click.option("--agent", is_flag=True,
+              help="Print lab-agent.service (`lab agent`) instead: no token, no GPU group; --env-file "
+                   "defaults to ./.env.agent.")
 @json_option
 def service_print_cmd(user: str | None, env_file: str | None, workdir: str | None, cpu_workers: int | None,
                       group: str | None, gpu_group: str | None, token_file: str | None, token_via: str | None,
-                      as_json: bool) -> None:
+                      agent: bool, as_json: bool) -> None:
     """Print a systemd unit for `lab daemon` (restart on failure; the token from a file, never
     in the unit or any process environment when --token-file is given).
 
@@ -1061,9 +1313,23 @@ def service_print_cmd(user: str | None, env_file: str | None, workdir: str | Non
       lab service print > ~/.config/systemd/user/lab.service
       lab service print --user lab --token-file /etc/reasoning-lab/github-token \
         | sudo tee /etc/systemd/system/lab.service
+      lab service print --agent > ~/.config/systemd/user/lab-agent.service
     """
     from daemon import systemd
 
+    if agent:
+        extra = [flag for flag, given in (("--cpu-workers", cpu_workers), ("--gpu-group", gpu_group),
+                                          ("--token-file", token_file), ("--token-via", token_via))
+                 if given is not None]
+        if extra:
+            raise BadInput(f"{extra[0]}: not for --agent (the agent gets no token and no GPU)")
+        try:
+            text = systemd.agent_unit_text(workdir=workdir, user=user, env_file=env_file, group=group,
+                                           claude=os.environ.get("LAB_CLAUDE") or shutil.which("claude"))
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        emit({"unit": text}, as_json, text.rstrip("\n"))
+        return
     if user and gpu_group is None:
         gpu_group = systemd.gpu_device_group()
     try:

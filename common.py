@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -286,3 +287,23 @@ def md_fence(text: str, lang: str = "") -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def sig(v: Any, sign: bool = False, missing: str = "n/a") -> str:
+    """A number as a person reads it at a glance, the lab's one format for people (so no table
+    mixes precisions): a measured float to three significant digits (0.754, 1.00, 0.0500,
+    12,300), an int exactly (steps, parameters), `missing` for None. `sign`: a difference,
+    always signed. Anything else is returned as text, for the caller to escape."""
+    if v is None:
+        return missing
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    plus = "+" if sign else ""
+    if isinstance(v, int):
+        return f"{v:{plus},}"
+    if not math.isfinite(v):
+        return str(v)
+    r = float(f"{v:.3g}")
+    if abs(r) >= 1000:  # 12,300 rather than 1.23e+04: a count of tokens or seconds reads as one
+        return f"{r:{plus},.0f}"
+    return f"{r:{plus}#.3g}".rstrip(".")  # "386", not the alternate form's "386."

@@ -680,6 +680,9 @@ class QueueConfig(Validated):
     github_per_page: int = setting(100, 1, 100)
     hosts_seen_seconds: float = setting(7 * 86_400.0, 60.0, 365 * 86_400.0,
                                    "a host whose last daemon heartbeat is older drops off `lab status`")
+    attention_days: float = setting(14.0, 0.01, 3650.0,
+                                    "`lab next`: a failed job or an ablation without a finding asks for "
+                                    "attention this long after it ended")
 
     def _check_relations(self) -> None:
         # A job stops itself after 3/4 of the lease without a renewal (workers/run.py): a lease
@@ -791,3 +794,34 @@ def paths() -> Paths:
         archive=os.environ.get("LAB_ARCHIVE", os.path.join(runs, "..", "archive")),
         host=os.environ.get("LAB_HOST", socket.gethostname()),
     )
+
+
+@dataclass(frozen=True)
+class AgentConfig(Validated):
+    """`lab agent` (daemon/agent.py): Claude Code run headless, one turn at a time."""
+
+    FIELD_PREFIX = "agent"
+    idle_seconds: float = setting(120.0, 0.01, 86_400.0,
+                                  "sleep this long when nothing needs the agent and no job has ended")
+    turn_timeout_seconds: float = setting(1800.0, 0.1, 86_400.0, "a turn's wall time; then it is killed")
+    max_turns: int = setting(40, 1, 10_000, "passed to claude as --max-turns (its own agentic turns)")
+    backoff_base_seconds: float = setting(30.0, 0.0, 86_400.0, "after a failed turn; doubles each time")
+    backoff_max_seconds: float = setting(1800.0, 0.0, 86_400.0, "the longest backoff")
+    stop_grace_seconds: float = setting(10.0, 0.0, 600.0, "SIGTERM to the turn, then SIGKILL after this")
+    prompt_max_chars: int = setting(20_000, 100, 1_000_000, "AGENT_TURN.md is refused when longer")
+    tail_chars: int = setting(4_000, 100, 1_000_000, "stdout/stderr tails kept in turns.jsonl")
+    recent_jobs: int = setting(50, 1, 10_000, "finished jobs read: has one ended since the last turn?")
+    revisit_seconds: float = setting(3600.0, 1.0, 7 * 86_400.0,
+                                     "attention items a successful turn saw start a turn again after this")
+    # Allowed without a prompt (claude --allowedTools); the guard hook still vets every Bash call.
+    allowed_tools: tuple[str, ...] = ("Bash(lab:*)", "Bash(.venv/bin/lab:*)", "mcp__lab", "Read", "Glob",
+                                      "Grep", "Edit", "Write", "Bash(make test)", "Bash(.venv/bin/ruff:*)",
+                                      "Bash(git status)", "Bash(git diff:*)", "Bash(git log:*)")
+
+    def _check_relations(self) -> None:
+        if self.backoff_base_seconds > self.backoff_max_seconds:
+            raise ConfigError(f"agent.backoff_base_seconds: {self.backoff_base_seconds:g} > "
+                              f"backoff_max_seconds {self.backoff_max_seconds:g}")
+
+
+AGENT = AgentConfig()

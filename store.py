@@ -46,6 +46,7 @@ from sqlalchemy import (
     Text,
     and_,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -152,6 +153,14 @@ pipeline_jobs = Table(
     Column("stage", String(16), nullable=False),
     Column("round", Integer, nullable=False),
     Column("role", String(32), nullable=False),  # main, or control:negative / control:positive
+)
+
+# Items of `lab next` (daemon/attention.py) someone said need no action, by the item's key.
+dismissed = Table(
+    "lab_dismissed", metadata,
+    Column("key", String(200), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("at", Float, nullable=False),
 )
 
 PIPELINE_STAGES = ("smoke", "ablation", "full")
@@ -297,6 +306,15 @@ class Store:
         )).inserted_primary_key[0]
         self._event(c, job_id, "submitted", f"{kind} on lane {lane} ({status})")
         return int(job_id)
+
+    def dismiss(self, key: str, reason: str) -> None:
+        with self.transaction() as c:
+            c.execute(delete(dismissed).where(dismissed.c.key == key))
+            c.execute(insert(dismissed).values(key=key, reason=reason, at=now()))
+
+    def dismissed(self) -> dict[str, str]:
+        with self.reading() as c:
+            return {k: r for k, r in c.execute(select(dismissed.c.key, dismissed.c.reason))}
 
     # --- pipelines (daemon/pipeline.py decides; these make each decision one transaction) ------
 

@@ -173,30 +173,46 @@ def mermaid_curve(points: list[tuple[float, float]], title: str, y_label: str, x
     else:
         picked = points
     xs = ", ".join(str(int(x)) if float(x).is_integer() else f"{x:.4g}" for x, _ in picked)  # no 10,000
-    ys = ", ".join(f"{y:.4g}" for _, y in picked)
+    ys = ", ".join(f"{y:.3g}" for _, y in picked)  # three significant digits, as the comment's numbers
     return ("```mermaid\nxychart-beta\n"
             f'    title "{title}"\n    x-axis "{x_label}" [{xs}]\n'
             f'    y-axis "{y_label}"\n    line [{ys}]\n```')
 
 
+def _series(rows: list[dict[str, Any]], event: str, key: str) -> list[tuple[float, float]]:
+    """(step, value) of one metrics.jsonl series: the `event` rows' finite `key`."""
+    points: list[tuple[float, float]] = []
+    for rec in rows:
+        value, step = rec.get(key), rec.get("step")
+        if rec.get("event", "train") == event and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and isinstance(step, int) and math.isfinite(value):
+            points.append((step, float(value)))
+    return points
+
+
 def loss_curve(run_dir: Path) -> str | None:
-    """The training loss against step from a run's metrics.jsonl, if it has enough points."""
+    """The training loss and the validation loss against step from a run's metrics.jsonl, as two
+    charts: the trainer logs them at different steps (every log_interval, every eval_interval) and
+    xychart-beta puts every line on one list of x values, so one chart would have to invent the
+    points one series never measured. The training chart needs 3 points, the validation one 2."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    points: list[tuple[float, float]] = []
+    rows: list[dict[str, Any]] = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        loss, step = rec.get("loss"), rec.get("step")
-        if rec.get("event", "train") == "train" and isinstance(loss, (int, float)) and isinstance(step, int) \
-                and math.isfinite(loss):
-            points.append((step, float(loss)))
-    if len(points) < 3:
-        return None
-    return mermaid_curve(points, "training loss", "loss")
+        if isinstance(rec, dict):
+            rows.append(rec)
+    train, val = _series(rows, "train", "loss"), _series(rows, "eval", "val_loss")
+    charts = []
+    if len(train) >= 3:
+        charts.append(mermaid_curve(train, "training loss", "loss"))
+    if len(val) >= 2:
+        charts.append(mermaid_curve(val, "validation loss", "val_loss"))
+    return "\n\n".join(charts) or None
 
 
 def fit(text: str, limit: int = COMMENT_LIMIT, where: str = "") -> str:
@@ -281,11 +297,244 @@ def _again(job_id: int, approval: dict[str, Any] | None) -> str:
     return f"To run it again: `lab retry {int(job_id)}` on the lab's machine."
 
 
+# --- the result comment -------------------------------------------------------------------
+
+
+def sig(v: Any, sign: bool = False) -> str:
+    """The result comment's one number format (common.sig): three significant digits."""
+    return common.sig(v, sign)
+
+
+def _shown(v: Any, sign: bool = False) -> str:
+    """`sig` for a value that goes into the bot's own markdown: a result is what a job returned,
+    so a "number" that is not one is escaped text, never markdown."""
+    if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return sig(v, sign)
+    return untrusted(v, 60, code=False)
+
+
+def _interval(d: dict[str, Any], sign: bool = False) -> str:
+    low, high = _shown(d.get("ci_low"), sign), _shown(d.get("ci_high"), sign)
+    return f"{_shown(d.get('mean'), sign)} [{low}, {high}]"
+
+
+def _name(v: Any) -> str:
+    """An arm's name in prose: escaped text, never a code span (a span would keep `**` as typed,
+    and a forged "**better**" must not appear even there)."""
+    return untrusted(v, 64, code=False)
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+# Keys of an ablation's result the verdict block shows itself (the harness's _summarise).
+_ABLATION_SHOWN = frozenset({"verdict", "verdict_line", "primary", "primary_cell", "arms", "baseline",
+                             "best_trivial", "matched", "baselines"})
+# What nobody needs to read a verdict or a loss, though a reviewer checks it: the collapsed
+# details block, never the Metrics table.
+_HOUSEKEEPING = ("run_dir", "minutes", "wall_s", "train_s", "confidence", "min_effect", "correction",
+                 "tested_arms", "match_ratio", "references", "deepest_trained", "never_trained",
+                 "extrapolation", "overlap", "stop_reason", "status", "skipped_steps", "resumed_from_step",
+                 "peak_mem_mb", "device", "precision", "preset", "arch", "data", "eval_split", "checkpoint",
+                 "host", "git_commit", "versions")
+
+
+def _cell_words(cell_: Any) -> str:
+    """The primary cell spelled out: its split, its bucket, the depth looped arms are read at."""
+    if not isinstance(cell_, dict) or not cell_.get("split"):
+        return ""
+    bucket = cell_.get("bucket") or "all"
+    depth = cell_.get("depth")
+    return (f" (split {untrusted(cell_['split'])}, "
+            + ("every answer" if bucket == "all" else f"bucket {untrusted(bucket)}")
+            + (f", looped arms read at depth {untrusted(depth)}" if depth is not None
+               else ", each arm at its own depth") + ")")
+
+
+def _arms_table(arms: list[dict[str, Any]], base: dict[str, Any] | None, conf: str) -> str:
+    rows: list[list[Any]] = []
+    for a in arms:
+        d = a.get("diff") if isinstance(a.get("diff"), dict) else None
+        verdict = a.get("verdict")
+        rows.append([a.get("name"), sig(a.get("read_depth")), Markdown(_interval(a)),
+                     Markdown(_interval(d, sign=True)) if d else Markdown("-"),
+                     Markdown(_shown(d.get("p_holm", d.get("p")))) if d else Markdown("-"),
+                     Markdown(verdict) if verdict in (*_VERDICTS, "baseline") else verdict])
+    against = f" vs {_name(base.get('name'))}" if base else ""
+    return table(["arm", "read depth", f"mean [{conf}]", f"paired difference{against} [{conf}]", "Holm p",
+                  "verdict"], rows)
+
+
+def _ratio(axis: Any, m: Any) -> str:
+    v = _num(m.get("ratio")) if isinstance(m, dict) else None
+    return f"{untrusted(axis, 40, code=False)} {sig(v) if v is not None else 'inf'}x"
+
+
+def _matching_lines(result: dict[str, Any], arms: list[dict[str, Any]],
+                    base: dict[str, Any] | None) -> list[str]:
+    claimed = [untrusted(m, 40) for m in result.get("matched") or []]
+    out = []
+    for a in arms:
+        m = a.get("matching")
+        if not isinstance(m, dict) or not m:
+            continue
+        good = [_ratio(k, v) for k, v in m.items() if isinstance(v, dict) and v.get("matched")]
+        bad = [_ratio(k, v) for k, v in m.items() if isinstance(v, dict) and not v.get("matched")]
+        out.append(f"- {_name(a.get('name'))} vs {_name((base or {}).get('name'))}: matched "
+                   f"{', '.join(good) or 'nothing'}; **not matched**: {', '.join(bad) or 'nothing'}")
+    if not out:
+        return []
+    within = sig(_num(result.get("match_ratio")) or 1.5)
+    claim = (f"the spec claims {', '.join(claimed)} matched (checked before the run)" if claimed
+             else "the spec claims no axis matched")
+    return [f"**Matching** (an axis is matched within {within}x of the baseline; {claim}):", *out]
+
+
+def _trivial_line(verdict: str, arms: list[dict[str, Any]], best: Any, subject: dict[str, Any] | None,
+                  base: dict[str, Any] | None) -> str | None:
+    if not isinstance(best, dict) or best.get("name") is None or _num(best.get("value")) is None:
+        return None
+    value = float(best["value"])
+    text = f"**Best trivial baseline:** {untrusted(best['name'], 60)} {sig(value)}"
+    winner = subject if verdict == "better" else base if verdict == "worse" else None
+    if winner is not None and _num(winner.get("mean")) is not None:
+        mean = float(winner["mean"])
+        who = f"; the winner {_name(winner.get('name'))} ({sig(mean)})"
+        return text + who + (" clears it" if mean > value
+                             else " does **not** clear it: a shortcut, not reasoning")
+    scored = [a for a in arms if _num(a.get("mean")) is not None]
+    if not scored:
+        return text
+    top = max(scored, key=lambda a: float(a["mean"]))
+    shown = f"{_name(top.get('name'))} ({sig(float(top['mean']))})"
+    above = "is above it" if float(top["mean"]) > value else "does not clear it either"
+    return text + f"; no winner, and the best arm {shown} {above}"
+
+
+def _next_for_ablation(jid: int, verdict: str, subject: dict[str, Any] | None,
+                       job: dict[str, Any]) -> str | None:
+    """What the verdict invites, said where the verdict is read: a person should not need the
+    README to know that an inconclusive ablation asks for more seeds or steps, or how a win is
+    spent."""
+    seeds = len((subject or {}).get("per_seed") or []) or None
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    offset = spec.get("seed_offset") if isinstance(spec.get("seed_offset"), int) else 0
+    fresh = (f"`seed_offset = {offset + seeds}` for {seeds} fresh seed{'s' if seeds > 1 else ''}" if seeds
+             else "a new `seed_offset` for fresh seeds")
+    steps = [s for s in (subject or {}).get("steps") or [] if isinstance(s, int)]
+    if verdict == "inconclusive":
+        more = f"`seeds = {2 * seeds}`" if seeds else "a larger `seeds`"
+        return (f"**Next:** inconclusive says the difference was not told from noise at this budget, "
+                f"not that the idea fails. More seeds narrow the interval ({more}, or {fresh} to pool "
+                f"with these); "
+                f"more steps (`steps`" + (f", {max(steps)} here" if steps else "")
+                + ") let both arms learn what the cell asks.")
+    if verdict == "better":
+        return (f"**Next:** the full run is earned: `lab submit idea --spec idea.toml` runs the idea's "
+                f"pipeline, or `lab submit train ... --earned-by {jid}` runs it on this verdict. Replicate "
+                f"first ({fresh}): a 95% test also says so by chance.")
+    if verdict == "worse":
+        return (f"**Next:** this is a finding: `lab finding {jid} --title \"...\"` records it, and the idea "
+                "goes to the graveyard (docs/ROADMAP.md, Graveyard); no full run.")
+    return None
+
+
+def _ablation_parts(job: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """The verdict first, then the numbers that decide it, matching, shortcuts and what next."""
+    verdict = result["verdict"]
+    # the result is what the job returned: only the harness's own three words stay bold
+    shown = verdict if verdict in _VERDICTS else untrusted(verdict, 60, code=False)
+    primary = f" on primary cell {untrusted(result['primary'])}" if result.get("primary") else ""
+    parts = [f"**Verdict: {shown}**{primary}{_cell_words(result.get('primary_cell'))}"]
+    arms = [a for a in result.get("arms") or [] if isinstance(a, dict)]
+    base = next((a for a in arms if a.get("verdict") == "baseline"), None)
+    subject = next((a for a in arms if a.get("verdict") != "baseline"), None)
+    conf_v = _num(result.get("confidence"))
+    conf = f"{round(conf_v * 100)}% CI" if conf_v is not None else "CI"
+    d = (subject or {}).get("diff")
+    if subject is not None and base is not None and isinstance(d, dict):
+        holm = (f", Holm p {sig(_num(d.get('p_holm')))} over {_shown(result.get('tested_arms'))} tested arms"
+                if result.get("correction") == "holm" else "")
+        parts.append(f"**Paired difference** {_name(subject.get('name'))} − {_name(base.get('name'))}: "
+                     f"**{_interval(d, sign=True)}** ({conf}), p {sig(_num(d.get('p')))}{holm}")
+    if arms:
+        parts.append(_arms_table(arms, base, conf))
+    matching = _matching_lines(result, arms, base)
+    if matching:
+        parts.append("\n".join(matching))
+    trivial = _trivial_line(verdict, arms, result.get("best_trivial"), subject, base)
+    if trivial:
+        parts.append(trivial)
+    nxt = _next_for_ablation(int(job["id"]), verdict, subject, job) if job["status"] == "succeeded" else None
+    if nxt:
+        parts.append(nxt)
+    return parts
+
+
+def _report_part(run_dir: Path | None, arms: list[Any]) -> str | None:
+    report = run_dir / "report.md" if run_dir else None
+    if report is None or not report.is_file():
+        return None
+    names = [a.get("name") for a in arms if isinstance(a, dict)]
+    if not all(isinstance(n, str) and _PLAIN_NAME.fullmatch(n) for n in names):
+        # report.md is markdown the harness wrote with the arm names in it, embedded as it is;
+        # names that the harness would refuse today may be markdown, so it stays in the run
+        return f"report.md is not shown: its arm names are not plain names (`{report}`)"
+    text = report.read_text(errors="replace")
+    if len(text) > REPORT_CHARS:
+        text = text[:REPORT_CHARS] + f"\n\n... (cut; the whole report is `{report}`)"
+    return "<details><summary>report.md</summary>\n\n" + text + "\n\n</details>"
+
+
+def _compact(v: Any) -> str:
+    """A housekeeping value on one line: a dict as `key value, ...`, a list joined."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_compact(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_compact(x) for x in v) or "-"
+    return sig(v)
+
+
+def _overlap(v: Any) -> str:
+    """The harness's overlap ({split: {lines, in_train}}) as `split in_train/lines` per split."""
+    if not isinstance(v, dict) or not all(isinstance(o, dict) for o in v.values()):
+        return _compact(v)
+    shown = ", ".join(f"{k} {sig(o.get('in_train'))}/{sig(o.get('lines'))}" for k, o in v.items())
+    return shown + " in train"
+
+
+def _details_part(result: dict[str, Any]) -> str | None:
+    rows: list[list[Any]] = [[k, _overlap(result[k]) if k == "overlap" else _compact(result[k])]
+                             for k in _HOUSEKEEPING if k in result]
+    line = result.get("verdict_line")
+    if not rows and not line:
+        return None
+    said = f"verdict: {cell(str(line))}\n\n" if line else ""  # the harness's greppable line, as logged
+    return ("<details><summary>Details: run, statistics, overlap, versions</summary>\n\n" + said
+            + (table(["", ""], rows) if rows else "") + "\n\n</details>")
+
+
+def _metrics_part(result: Any, leave_out: frozenset[str]) -> str | None:
+    metrics = [(k, v) for k, v in flat_metrics(result)
+               if k.split(".")[0] not in leave_out and k.split(".")[0] not in _HOUSEKEEPING]
+    if not metrics:
+        return None
+    return "**Metrics**\n\n" + table(["metric", "value"], [[k, sig(v)] for k, v in metrics])
+
+
 def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None,
                    stage: dict[str, Any] | None = None) -> str:
     """The one result comment of a finished job. `approval`: the bridge's run row when the job
     came from the issue's spec (then `/rerun` runs it again). `stage`: the job's link to an idea
-    pipeline (pipeline_id, stage, round, role), said in the heading."""
+    pipeline (pipeline_id, stage, round, role), said in the heading.
+
+    An ablation's leads with what decides it: the verdict and the cell it was read on, the
+    paired difference against the baseline with its interval and Holm p, every arm's mean, what
+    is matched, the best trivial baseline, and what the verdict invites. A training run shows
+    its metrics and its training and validation curves. Housekeeping (run_dir, minutes,
+    confidence, overlap, versions ...) sits in a collapsed block; numbers have three
+    significant digits (`sig`)."""
     jid, status = job["id"], job["status"]
     run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
     took = None
@@ -301,45 +550,25 @@ def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None,
              f"{untrusted(job['kind'])} on lane {untrusted(job['lane'])} · took {duration(took)} · "
              f"attempt {job.get('attempts', 0)} · finished {iso(job.get('finished_at')) or 'unknown'}"]
     result = job.get("result")
+    leave_out: frozenset[str] = frozenset({"verdict"})
+    report = None
     if isinstance(result, dict) and "verdict" in result:
-        # the result is what the job returned: only the harness's own three words stay bold
-        verdict = result["verdict"]
-        shown = verdict if verdict in _VERDICTS else untrusted(verdict, 60, code=False)
-        primary = f" on primary cell {untrusted(result['primary'])}" if result.get("primary") else ""
-        parts.append(f"**Verdict: {shown}**{primary}")
-        if result.get("verdict_line"):
-            parts.append(f"verdict: {cell(str(result['verdict_line']))}")
-        arms = result.get("arms") or []
-        if arms:
-            cols = ["name", "params", "distinct_blocks", "flops_per_token", "read_depth", "mean", "ci_low",
-                    "ci_high", "verdict"]
-            parts.append(table(cols, [[a.get(c, "") for c in cols] for a in arms if isinstance(a, dict)]))
-        report = run_dir / "report.md" if run_dir else None
-        names = [a.get("name") for a in arms if isinstance(a, dict)]
-        if report is not None and report.is_file() and not all(
-                isinstance(n, str) and _PLAIN_NAME.fullmatch(n) for n in names):
-            # report.md is markdown the harness wrote with the arm names in it, embedded as it is;
-            # names that the harness would refuse today may be markdown, so it stays in the run
-            parts.append(f"report.md is not shown: its arm names are not plain names (`{report}`)")
-        elif report is not None and report.is_file():
-            text = report.read_text(errors="replace")
-            if len(text) > REPORT_CHARS:
-                text = text[:REPORT_CHARS] + f"\n\n... (cut; the whole report is `{report}`)"
-            parts.append("<details><summary>report.md</summary>\n\n" + text + "\n\n</details>")
+        parts += _ablation_parts(job, result)
+        leave_out = _ABLATION_SHOWN
+        report = _report_part(run_dir, result.get("arms") or [])
     if isinstance(result, dict) and isinstance(result.get("grid"), dict):
         # a full run on a task: its grid, beside the ablation arm it scales when one earned it
         from records import earning_arm, task_grid_lines
 
         cell_ = result.get("primary") or {}
-        trivial = ", ".join(f"{untrusted(k)} {number(v)}" for k, v in (result.get("trivial") or {}).items())
-        parts.append(f"**Primary cell** {untrusted(cell_.get('cell'))}: {number(cell_.get('accuracy'))}"
+        trivial = ", ".join(f"{untrusted(k)} {_shown(v)}" for k, v in (result.get("trivial") or {}).items())
+        parts.append(f"**Primary cell** {untrusted(cell_.get('cell'))}: {_shown(cell_.get('accuracy'))}"
                      + (f" · trivial baselines: {trivial}" if trivial else ""))
         parts.append("\n".join(task_grid_lines(result, *earning_arm(result, job.get("earned_by")))))
-        result = {k: v for k, v in result.items() if k not in ("grid", "counts", "overlap", "baselines",
-                                                              "primary", "trivial")}
-    metrics = [(k, v) for k, v in flat_metrics(result) if k != "verdict"]
+        leave_out = leave_out | {"grid", "counts", "overlap", "baselines", "primary", "trivial"}
+    metrics = _metrics_part(result, leave_out)
     if metrics:
-        parts.append("**Metrics**\n\n" + table(["metric", "value"], [[k, v] for k, v in metrics]))
+        parts.append(metrics)
     if status != "succeeded":
         reason = job.get("error") or job.get("cancel_reason") or "no reason recorded"
         exit_code = job.get("exit_code")
@@ -353,6 +582,11 @@ def result_comment(job: dict[str, Any], approval: dict[str, Any] | None = None,
     curve = loss_curve(run_dir) if run_dir and run_dir.is_dir() else None
     if curve:
         parts.append(curve)
+    details = _details_part(result) if isinstance(result, dict) else None
+    if details:
+        parts.append(details)
+    if report:
+        parts.append(report)
     parts.append(_files_line(job))
     return fit(_sealed(parts[0] + "\n\n", "\n\n".join(parts[1:])), where=str(run_dir or f"runs/{jid}"))
 

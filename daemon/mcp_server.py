@@ -1,7 +1,9 @@
 """`lab mcp`: the queue as MCP tools over stdio, so an agent uses it without parsing text.
 
-Tools (typed inputs, JSON results): submit, status, show, wait, logs, cancel, retry, kinds
-(what each kind's spec accepts) and pipeline (an idea's stages). They call the service layer
+Tools (typed inputs, JSON results, the CLI's names): submit, status, next, jobs, show, wait,
+logs, cancel, retry, kinds (what each kind's spec accepts), pipeline (an idea's stages),
+compare, runs, finding, register, archive and dismiss. An unknown argument is an error naming
+it. They call the service layer
 (daemon/service.py) as the CLI does, so validation, the earned-run gate and the errors are the
 CLI's; a bad input comes back as a tool error whose text names the field, and nothing is
 queued. Jobs submitted here are recorded with source "mcp". There is deliberately no tool that
@@ -20,6 +22,8 @@ from pydantic import Field
 import config
 from config import ConfigError
 from daemon import service
+from records import RecordError
+from records.archive import ArchiveError
 from store import StateError
 
 # `wait` holds the call open; agents' MCP clients time requests out, so it is bounded and says
@@ -41,7 +45,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """The queue's own errors (bad spec, unknown job, wrong state) become tool errors the agent reads."""
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, StateError, FileNotFoundError) as e:
+    except (ConfigError, StateError, FileNotFoundError, RecordError, ArchiveError) as e:
         raise ToolError(str(e)) from None
 
 
@@ -49,13 +53,14 @@ def submit(
     kind: Annotated[str, Field(description="Job kind: sleep, smoke, train, eval, tokenize, ablation, "
                                            "archive (see the kinds tool), or idea: a pipeline of smoke, "
                                            "ablation and (if earned) full run")],
-    spec: Annotated[dict[str, Any] | None, Field(description="The kind's spec keys and values "
-                                                             "(like `--set key=value`)")] = None,
+    set: Annotated[dict[str, Any] | None, Field(  # noqa: A002 (the CLI's name: `--set key=value`)
+        description="Spec fields and config overrides, like `lab submit --set key=value`: "
+                    "{\"seconds\": 1}, {\"preset\": \"tiny\", \"max_steps\": 50}")] = None,
     lane: Annotated[Literal["gpu", "cpu"] | None, Field(description="Default: the kind's first lane")] = None,
     after: Annotated[int | None, Field(description="Run only after this job succeeded")] = None,
     priority: Annotated[int, Field(description="Higher runs first within a lane",
                                    ge=-service.PRIORITY_LIMIT, le=service.PRIORITY_LIMIT)] = 0,
-    timeout_s: Annotated[float | None, Field(description="Seconds before the job is killed", gt=0)] = None,
+    timeout: Annotated[float | None, Field(description="Seconds before the job is killed", gt=0)] = None,
     earned_by: Annotated[int | None, Field(description="The ablation job that earned a full GPU run")] = None,
     issue: Annotated[int | None, Field(description="A GitHub issue the lab already tracks; the result is "
                                                    "posted there")] = None,
@@ -67,8 +72,8 @@ def submit(
     override, never the agent's."""
     if issue is not None:
         _call(service.check_tracked_issue, issue)
-    return _call(service.submit, kind, dict(spec or {}), lane=lane, after=after, priority=priority,
-                 timeout_s=timeout_s, issue=issue, earned_by=earned_by, source="mcp", dry_run=dry_run)
+    return _call(service.submit, kind, dict(set or {}), lane=lane, after=after, priority=priority,
+                 timeout_s=timeout, issue=issue, earned_by=earned_by, source="mcp", dry_run=dry_run)
 
 
 def pipeline(
@@ -97,12 +102,12 @@ def show(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]:
 
 def wait(
     job_id: Annotated[int, Field(description="Job id")],
-    timeout_s: Annotated[float, Field(description="Give up after this long (then timed_out is true)",
-                                      gt=0, le=MAX_WAIT_SECONDS)] = 300.0,
+    timeout: Annotated[float, Field(description="Give up after this many seconds (then timed_out is "
+                                                "true)", gt=0, le=MAX_WAIT_SECONDS)] = 300.0,
 ) -> dict[str, Any]:
-    """Block until the job ends or timeout_s passes; returns the job plus `timed_out`."""
+    """Block until the job ends or `timeout` seconds pass; returns the job plus `timed_out`."""
     try:
-        job = _call(service.wait, job_id, timeout_s)
+        job = _call(service.wait, job_id, timeout)
     except service.WaitTimeout:
         return {**_call(service.show, job_id), "timed_out": True}
     return {**job, "timed_out": False}
@@ -129,18 +134,108 @@ def retry(job_id: Annotated[int, Field(description="Job id")]) -> dict[str, Any]
     return _call(service.retry, job_id)
 
 
+def jobs(
+    status: Annotated[str | None, Field(description="queued, blocked, running, succeeded, failed, "
+                                                    "cancelled, active or final")] = None,
+    kind: Annotated[str | None, Field(description="Only this job kind")] = None,
+    issue: Annotated[int | None, Field(description="Only jobs linked to this issue")] = None,
+    since: Annotated[str | None, Field(description="Created since: an age (30m, 6h, 2d) or ISO time")] = None,
+    limit: Annotated[int, Field(description="At most this many, newest first", ge=1, le=10_000)] = 50,
+) -> dict[str, Any]:
+    """Jobs newest first, filtered (`lab jobs`)."""
+    return _call(service.list_jobs, status, kind, issue, since, limit)
+
+
+def next() -> dict[str, Any]:  # noqa: A001 (the CLI's name: `lab next`)
+    """What needs attention, ranked, each item with its reason, the command and the MCP call that
+    deals with it (`lab next`); `empty` with a summary of what runs when there is nothing."""
+    from daemon.attention import needs_attention
+
+    return _call(needs_attention)
+
+
+def dismiss(
+    key: Annotated[str, Field(description="The `key` of a `next` item")],
+    reason: Annotated[str, Field(description="Why it needs no action (recorded)")],
+) -> dict[str, Any]:
+    """Take an item off `next` for good (`lab next --dismiss KEY --reason TEXT`)."""
+    from daemon.attention import dismiss as dismiss_item
+
+    return _call(dismiss_item, key, reason)
+
+
+def compare(
+    a: Annotated[str, Field(description="A run id: a job id or a run directory name")],
+    b: Annotated[str, Field(description="The other run id; deltas are b minus a")],
+) -> dict[str, Any]:
+    """Two runs or two ablations side by side: metric deltas, the config diff, verdicts (`lab compare`)."""
+    from records.compare import compare as compare_runs
+
+    return _call(compare_runs, a, b)
+
+
+def runs() -> list[dict[str, Any]]:
+    """Every run under $LAB_RUNS and the archive: kind, status, best metric, tier (`lab runs`)."""
+    import records
+
+    return _call(records.list_runs)
+
+
+def finding(
+    job_id: Annotated[int, Field(description="A finished ablation job")],
+    title: Annotated[str, Field(description="The finding's one claim")],
+    supersedes: Annotated[str | None, Field(description="An older finding's file name it replaces")] = None,
+) -> dict[str, Any]:
+    """Write docs/findings/<date>-<slug>.md from the ablation's results (`lab finding`)."""
+    import records
+
+    return _call(records.write_finding, str(job_id), title, supersedes)
+
+
+def register(
+    job_id: Annotated[int, Field(description="A succeeded training job")],
+    name: Annotated[str, Field(description="The model card's name (letters, digits, . _ -)")],
+) -> dict[str, Any]:
+    """Write docs/registry/<name>.md, the model card of a training run (`lab register`)."""
+    import records
+
+    return _call(records.write_card, str(job_id), name)
+
+
+def archive(
+    runs: Annotated[list[str] | None, Field(description="Run ids to move to the cold tier")] = None,
+    older_than: Annotated[float | None, Field(description="Or: every finished run older than this many "
+                                                          "days", ge=0, le=36_500)] = None,
+) -> dict[str, Any]:
+    """Move runs to the cold tier, leaving ARCHIVED.json pointers (`lab archive`); nothing is deleted."""
+    import records
+
+    if not runs and older_than is None:
+        raise ToolError("archive: name runs, or give older_than DAYS")
+    return _call(records.archive_runs, list(runs or []), older_than)
+
+
 def kinds() -> list[dict[str, Any]]:
     """Job kinds, their lanes and spec fields (name, type, default, doc)."""
     return _call(service.kinds)
 
 
-TOOLS = (submit, status, show, wait, logs, cancel, retry, kinds, pipeline)
+TOOLS = (submit, status, next, jobs, show, wait, logs, cancel, retry, kinds, pipeline, compare, runs,
+         finding, register, archive, dismiss)
 
 
 def build_server() -> MCPServer:
     server = MCPServer(name="lab", instructions=INSTRUCTIONS, log_level="WARNING")
     for fn in TOOLS:
         server.add_tool(fn)
+    # An argument the tool does not have is an error naming it, never silently dropped (the SDK
+    # ignores extras by default: `submit {"spec": ...}` once queued a job with defaults). The
+    # SDK has no public switch for it, so each tool's argument model is made strict here.
+    for tool in server._tool_manager.list_tools():
+        model = tool.fn_metadata.arg_model
+        model.model_config["extra"] = "forbid"
+        model.model_rebuild(force=True)
+        tool.parameters = model.model_json_schema(by_alias=True)
     return server
 
 

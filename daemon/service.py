@@ -107,6 +107,50 @@ def show(job_id: int, store: Store | None = None, events: bool = False) -> dict[
     return out
 
 
+def parse_since(text: str | None) -> float | None:
+    """`--since`: an ISO 8601 time (2026-12-01T10:00, UTC when no zone) or an age (90s, 30m, 6h,
+    2d) -> epoch seconds; ConfigError naming --since otherwise."""
+    import re
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86_400}[m.group(2)]
+    try:
+        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since: {text!r} is neither an age (30m, 6h, 2d) nor an ISO time "
+                          "(2026-12-01T10:00Z)") from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def list_jobs(status: str | None = None, kind: str | None = None, issue: int | None = None,
+              since: str | None = None, limit: int = 50, store: Store | None = None) -> dict[str, Any]:
+    """`lab jobs`: jobs newest first, filtered by status (or `active`/`final`), kind, issue and
+    creation time, as summaries."""
+    from store import STATUSES
+
+    store = store or open_store()
+    groups = {"active": ACTIVE, "final": FINAL}
+    if status is not None and status not in STATUSES and status not in groups:
+        allowed = ", ".join([*STATUSES, *groups])
+        raise ConfigError(f"--status: {status!r} is not a status (allowed: {allowed})")
+    if kind is not None and kind not in jobs.kind_names():
+        raise ConfigError(f"--kind: {kind!r} is not a job kind (allowed: {', '.join(jobs.kind_names())})")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise ConfigError(f"--limit: {config.show(limit)} is out of range (allowed: 1 to 10000)")
+    after = parse_since(since)
+    statuses = groups.get(status or "", (status,) if status else None)
+    rows = store.list_jobs(statuses, kind=kind, issue=issue, newest_first=True,
+                           limit=None if after is not None else limit)
+    if after is not None:
+        rows = [j for j in rows if j["created_at"] >= after][:limit]
+    return {"jobs": [summary(j) for j in rows], "count": len(rows),
+            "filters": {"status": status, "kind": kind, "issue": issue, "since": since, "limit": limit}}
+
+
 def summary(job: dict[str, Any]) -> dict[str, Any]:
     keys = ("id", "kind", "lane", "status", "priority", "progress", "host", "created_at", "started_at",
             "finished_at", "error", "after", "issue", "attempts")

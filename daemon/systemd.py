@@ -258,3 +258,79 @@ def install_unit(text: str, system: bool, path: Path | None = None, reload: bool
         subprocess.run(["systemctl", *([] if system else ["--user"]), "daemon-reload"], check=True,
                        timeout=60)
     return path
+
+
+AGENT_UNIT_NAME = "lab-agent.service"
+AGENT_ENV_FILE = ".env.agent"
+
+
+def _arg(text: str) -> str:
+    """One ExecStart= argument: specifiers escaped, quoted when it holds a space."""
+    value = _value(text)
+    return f'"{value}"' if any(ch.isspace() for ch in value) else value
+
+
+def agent_unit_text(workdir: str | Path | None = None, user: str | None = None,
+                    lab_bin: str | Path | None = None, env_file: str | Path | None = None,
+                    claude: str | Path | None = None, *, group: str | None = None) -> str:
+    """The unit for `lab agent` (lab-agent.service): Claude Code in a loop, one turn at a time.
+    No GitHub token and no GPU group: the agent needs neither (the daemon's bridge talks to
+    GitHub, the queue runs the jobs). Its environment file is its own (default .env.agent), not
+    the daemon's .env, which may hold the token; `lab agent` drops a token that still reaches it.
+    On SIGTERM the loop stops a running turn (SIGTERM to the turn's process group, then SIGKILL
+    after AGENT.stop_grace_seconds) and exits 0, so TimeoutStopSec is a little above that grace."""
+    workdir = Path(workdir or os.getcwd()).resolve()
+    lab = Path(lab_bin) if lab_bin else default_lab_bin()
+    if not lab.is_absolute():
+        lab = workdir / ".venv" / "bin" / "lab"
+    env_file = Path(env_file) if env_file else workdir / AGENT_ENV_FILE
+    if user is None and group:
+        raise ValueError("group needs a user: a user unit runs with that user's groups")
+    stop = math.ceil(config.AGENT.stop_grace_seconds) + 20
+    exec_start = f"{_arg(str(lab))} agent --cwd {_arg(str(workdir))}"
+    if claude:
+        exec_start += f" --claude {_arg(str(claude))}"
+    env = [_assign("PYTHONUNBUFFERED", "1"), "CUDA_VISIBLE_DEVICES="]
+    lines = [
+        "# reasoning-lab agent loop: `lab agent` runs Claude Code headless, one turn at a time, when",
+        "# `lab next` has something or a job has ended. Install: see README, \"Running as a service\".",
+        "# To stop it for good: touch $LAB_RUNS/agent/STOP (default runs/agent/STOP here); it exits 0",
+        "# before its next turn, and again at every start until the file is removed.",
+        "# Each turn is one line of $LAB_RUNS/agent/turns.jsonl.",
+        "[Unit]",
+        "Description=reasoning-lab agent loop (Claude Code, one turn at a time)",
+        "Wants=network-online.target",
+        f"After=network-online.target {UNIT_NAME}",
+        "StartLimitIntervalSec=600",
+        "StartLimitBurst=10",
+        "",
+        "[Service]",
+        "Type=simple",
+    ]
+    if user:
+        lines.append(f"User={user}")
+    if group:
+        lines.append(f"Group={group}")
+    lines += [
+        f"WorkingDirectory={workdir}",
+        "# LAB_DB, LAB_RUNS (the daemon's), ANTHROPIC_API_KEY when claude is not logged in ... one",
+        "# KEY=value per line, chmod 600. Never the GitHub token. '-': the file may be absent.",
+        f"EnvironmentFile=-{env_file}",
+        "Environment=" + " ".join(env),
+        "UnsetEnvironment=GITHUB_TOKEN GITHUB_TOKEN_FILE GITHUB_TOKEN_FD",
+    ]
+    if user:
+        lines.append("NoNewPrivileges=yes")
+    lines += [
+        f"ExecStart={exec_start}",
+        "Restart=on-failure",
+        f"RestartSec={config.SYSTEMD.restart_seconds}",
+        "KillSignal=SIGTERM",
+        "# SIGTERM to `lab agent` only: it stops the running turn's process group itself.",
+        "KillMode=mixed",
+        f"TimeoutStopSec={stop}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target" if user else "WantedBy=default.target",
+    ]
+    return "\n".join(lines) + "\n"

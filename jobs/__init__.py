@@ -77,13 +77,48 @@ def get_kind(name: str) -> JobKind:
 _LEAKS = (TypeError, ValueError, OverflowError, RecursionError, OSError, LookupError, AttributeError)
 
 
+def route_sets(kind: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """One meaning of `--set` for every kind that trains: a key that is a spec field stays one
+    (`preset`, `steps`), a config key (`d_model`, `max_steps`, `model.d_model`) goes into the
+    spec's `set` of overrides, and a key that is neither is refused saying so. Kinds without
+    `set` are left as they are."""
+    from dataclasses import fields
+
+    from config import CONFIG_KEYS, split_key
+
+    names = [f.name for f in fields(get_kind(kind).spec)]
+    if "set" not in names:
+        return dict(values)
+    out = dict(values)
+    overrides = out.get("set", {})
+    if not isinstance(overrides, Mapping):
+        return out  # the Spec names the bad type
+    overrides = dict(overrides)
+    for key in list(out):
+        if key in names or not isinstance(key, str):
+            continue
+        try:
+            split_key(key)
+        except ConfigError:
+            close = did_you_mean(key, [*names, *CONFIG_KEYS])
+            raise ConfigError(f"{kind}.{key}: neither a {kind} field ({', '.join(names)}) nor a config "
+                              f"key (model, train and precision settings: `lab kinds`, config.py){close}"
+                              ) from None
+        overrides[key] = out.pop(key)
+    if overrides or "set" in out:
+        out["set"] = overrides
+    return out
+
+
 def parse_spec(kind: str, values: Mapping[str, Any]) -> Any:
     """Untrusted keys and values -> the kind's validated Spec (ConfigError names the field).
     Only ConfigError comes out: the bridge, MCP and the CLI turn it into a message for a person,
-    and anything else would be a crash (or a traceback in an issue comment) instead."""
+    and anything else would be a crash (or a traceback in an issue comment) instead. A config
+    key given beside the spec's fields is one of its overrides (`route_sets`)."""
     spec_cls = get_kind(kind).spec
     if not isinstance(values, Mapping):
         raise ConfigError(f"{kind}: expected a table of keys and values, got {type(values).__name__}")
+    values = route_sets(kind, values)
     try:
         return from_mapping(spec_cls, dict(values), where=kind)
     except ConfigError:

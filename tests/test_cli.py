@@ -18,6 +18,8 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 # command -> its arguments, then its long options, sorted
 SURFACE = {
     "ablate": ['--control', '--json', '--set', '--spec'],
+    "agent": ['--claude', '--cwd', '--idle-seconds', '--json', '--max-turns', '--once', '--stop-file',
+              '--turn-timeout'],
     "archive": ['runs', '--json', '--older-than'],
     "cancel": ['job_id', '--json', '--reason'],
     "daemon": ['--cpu-workers', '--json', '--lanes'],
@@ -33,10 +35,13 @@ SURFACE = {
     "restore": ['run', '--json'],
     "retry": ['job_id', '--json'],
     "runs": ['--json'],
-    "service print": ['--cpu-workers', '--env-file', '--gpu-group', '--group', '--json', '--token-file',
-                      '--token-via', '--user', '--workdir'],
+    "service print": ['--agent', '--cpu-workers', '--env-file', '--gpu-group', '--group', '--json',
+                      '--token-file', '--token-via', '--user', '--workdir'],
     "show": ['job_id', '--json'],
     "pipeline": ['pipeline_id', '--cancel', '--json', '--reason', '--rerun'],
+    "compare": ['a', 'b', '--json'],
+    "jobs": ['--issue', '--json', '--kind', '--limit', '--since', '--status'],
+    "next": ['--dismiss', '--json', '--reason'],
     "smoke": ['--arch', '--device', '--json', '--preset', '--set', '--steps'],
     "status": ['--json'],
     "submit": ['kind', '--after', '--dry-run', '--earned-by', '--force', '--host', '--issue', '--json',
@@ -84,3 +89,31 @@ def test_bad_usage_exits_2() -> None:
     assert result.exit_code == 2
     result = CliRunner().invoke(cli.main, ["no-such-command"])
     assert result.exit_code == 2
+
+
+def test_help_groups_every_command_by_topic_with_whole_summaries() -> None:
+    """`lab --help` as gh does it: a section per topic, every command in one, none cut off."""
+    out = CliRunner().invoke(cli.main, ["--help"]).output
+    for title, _ in cli.TOPICS:
+        assert f"\n{title}:\n" in out
+    assert "\nOther:\n" not in out  # every command has a topic
+    placed = [n for _, names in cli.TOPICS for n in names]
+    assert sorted(placed) == sorted(cli.main.list_commands(click.Context(cli.main)))
+    flat = " ".join(out.split())
+    assert "(ablation.json, report.md, accuracy.png)" in flat  # a long summary is whole, not cut
+
+
+def test_show_prints_sections_and_smoke_prints_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAB_DB", str(tmp_path / "q.db"))
+    monkeypatch.setenv("LAB_RUNS", str(tmp_path / "runs"))
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["submit", "sleep", "--lane", "cpu", "--set", "seconds=2"]).exit_code == 0
+    shown = runner.invoke(cli.main, ["show", "1"]).output
+    for section in ("Spec:", "Times (UTC):", "Outcome:", "Events:"):
+        assert f"\n{section}\n" in shown
+    assert "  seconds    2.0" in shown  # aligned key/value rows, not one JSON line
+    status = runner.invoke(cli.main, ["status"]).output
+    assert any(line.split()[:4] == ["ID", "KIND", "LANE", "STATUS"] for line in status.splitlines())
+    smoke = runner.invoke(cli.main, ["smoke", "--steps", "8", "--device", "cpu"])
+    assert smoke.exit_code == 0 and smoke.stdout.startswith("smoke ok: eval loss fell")
+    assert "{" not in smoke.stdout  # text for a person; --json gives the whole result

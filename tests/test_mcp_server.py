@@ -18,7 +18,8 @@ import config
 
 pytestmark = pytest.mark.timeout(120)
 LAB = str(Path(sys.executable).parent / "lab")
-TOOLS = {"submit", "status", "show", "wait", "logs", "cancel", "retry", "kinds"}
+TOOLS = {"submit", "status", "next", "jobs", "show", "wait", "logs", "cancel", "retry", "kinds", "pipeline",
+         "compare", "runs", "finding", "register", "archive", "dismiss"}
 
 
 def server(env: dict[str, str]) -> StdioServerParameters:
@@ -43,21 +44,21 @@ def test_tools_without_a_daemon(tmp_path: Path) -> None:
             assert TOOLS <= set(listed)
             # Typed inputs: the schema says what each argument is.
             assert listed["show"].input_schema["properties"]["job_id"]["type"] == "integer"
-            assert listed["wait"].input_schema["properties"]["timeout_s"]["maximum"] == 3600
+            assert listed["wait"].input_schema["properties"]["timeout"]["maximum"] == 3600
             lane = listed["submit"].input_schema["properties"]["lane"]
             assert set(lane["anyOf"][0]["enum"]) == {"gpu", "cpu"}
             # The earned-run gate is the person's to force, never the agent's.
             assert not {"force", "reason"} & set(listed["submit"].input_schema["properties"])
             r = await c.call_tool("submit", {"kind": "train", "lane": "gpu", "force": True, "reason": "x",
-                                             "spec": {"preset": "rtx2060"}})
+                                             "set": {"preset": "rtx2060"}})
             assert r.is_error, "force must not reach the gate"
 
-            job = await call(c, "submit", kind="sleep", lane="cpu", spec={"seconds": 30})
+            job = await call(c, "submit", kind="sleep", lane="cpu", set={"seconds": 30})
             assert (job["kind"], job["lane"], job["status"]) == ("sleep", "cpu", "queued")
             assert job["source"] == "mcp"
             shown = await call(c, "show", job_id=job["id"])
             assert shown["spec"]["seconds"] == 30.0 and shown["created_at"].endswith("Z")
-            waited = await call(c, "wait", job_id=job["id"], timeout_s=0.3)
+            waited = await call(c, "wait", job_id=job["id"], timeout=0.3)
             assert waited["timed_out"] and waited["status"] == "queued"
             status = await call(c, "status")
             assert status["lanes"]["cpu"]["queued"] == 1 and not status["daemon"]["alive"]
@@ -71,12 +72,12 @@ def test_tools_without_a_daemon(tmp_path: Path) -> None:
                                                                "cancel_requested": False}
 
             # Bad input: a tool error naming the field, and nothing queued.
-            for args, field in (({"kind": "sleep", "spec": {"secondz": 1}}, "sleep.secondz"),
+            for args, field in (({"kind": "sleep", "set": {"secondz": 1}}, "sleep.secondz"),
                                 ({"kind": "nope"}, "kind"),
-                                ({"kind": "archive", "lane": "gpu", "spec": {"runs": ["1"]}}, "lane"),
+                                ({"kind": "archive", "lane": "gpu", "set": {"runs": ["1"]}}, "lane"),
                                 # comments (with log tails) only on an issue the lab tracks
-                                ({"kind": "sleep", "spec": {"seconds": 1}, "issue": 999}, "issue"),
-                                ({"kind": "sleep", "spec": {"seconds": 1}, "priority": 10**9}, "priority")):
+                                ({"kind": "sleep", "set": {"seconds": 1}, "issue": 999}, "issue"),
+                                ({"kind": "sleep", "set": {"seconds": 1}, "priority": 10**9}, "priority")):
                 r = await c.call_tool("submit", args)
                 assert r.is_error and field in r.content[0].text, r.content[0].text
             r = await c.call_tool("show", {"job_id": "x"})
@@ -97,26 +98,26 @@ def test_jobs_run_through_the_daemon(tmp_path: Path) -> None:
     try:
         async def session() -> None:
             async with Client(server(env)) as c:
-                short = await call(c, "submit", kind="sleep", lane="gpu", spec={"seconds": 0.2})
-                done = await call(c, "wait", job_id=short["id"], timeout_s=60)
+                short = await call(c, "submit", kind="sleep", lane="gpu", set={"seconds": 0.2})
+                done = await call(c, "wait", job_id=short["id"], timeout=60)
                 assert (done["status"], done["timed_out"]) == ("succeeded", False), done
                 assert done["result"]["slept"] == 0.2
                 log = await call(c, "logs", job_id=short["id"])
                 assert "slept 0.2 s" in log["log"]
 
-                moved = await call(c, "submit", kind="archive", spec={"runs": ["old-run"]})
-                done = await call(c, "wait", job_id=moved["id"], timeout_s=60)
+                moved = await call(c, "submit", kind="archive", set={"runs": ["old-run"]})
+                done = await call(c, "wait", job_id=moved["id"], timeout=60)
                 assert done["status"] == "succeeded", done
                 assert done["result"]["archived"][0]["run"] == "old-run"
 
-                long = await call(c, "submit", kind="sleep", lane="cpu", spec={"seconds": 60})
+                long = await call(c, "submit", kind="sleep", lane="cpu", set={"seconds": 60})
                 for _ in range(200):
                     if (await call(c, "show", job_id=long["id"]))["status"] == "running":
                         break
                     await asyncio.sleep(0.1)
                 stopping = await call(c, "cancel", job_id=long["id"])
                 assert stopping["cancel_requested"]
-                done = await call(c, "wait", job_id=long["id"], timeout_s=60)
+                done = await call(c, "wait", job_id=long["id"], timeout=60)
                 assert done["status"] == "cancelled", done
 
         asyncio.run(session())
@@ -125,3 +126,39 @@ def test_jobs_run_through_the_daemon(tmp_path: Path) -> None:
     pointer = runs / "old-run" / config.RECORDS.pointer_file
     assert json.loads(pointer.read_text())["files"] == 1
     assert (tmp_path / "archive" / "old-run" / "metrics.jsonl").exists()
+
+
+def test_unknown_arguments_are_errors_naming_them_and_the_tools_use_the_clis_names(tmp_path: Path
+                                                                                 ) -> None:
+    """The two silent mistakes the issue measured: `submit {"spec": ...}` queued a job with
+    defaults, `wait {"timeout_s": 30}` waited 300 s. Both are refused now, naming the argument."""
+    env = queue_env(tmp_path)
+
+    async def session() -> None:
+        async with Client(server(env)) as c:
+            listed = {t.name: t for t in (await c.list_tools()).tools}
+            for name, tool in listed.items():
+                assert tool.input_schema.get("additionalProperties") is False, name
+            r = await c.call_tool("submit", {"kind": "sleep", "spec": {"seconds": 1}})
+            assert r.is_error and "spec" in r.content[0].text and "Extra inputs" in r.content[0].text
+            r = await c.call_tool("wait", {"job_id": 1, "timeout_s": 30})
+            assert r.is_error and "timeout_s" in r.content[0].text
+            assert (await call(c, "jobs"))["count"] == 0  # nothing was queued by the mistake
+            # One meaning of `set`: spec fields and config overrides alike.
+            plan = await call(c, "submit", kind="train", lane="cpu", set={"preset": "tiny", "max_steps": 5},
+                              dry_run=True)
+            assert plan["queued"] is False and plan["spec"]["set"] == {"max_steps": 5}
+            job = await call(c, "submit", kind="sleep", lane="cpu", set={"seconds": 5})
+            assert (await call(c, "jobs", status="queued"))["jobs"][0]["id"] == job["id"]
+            attention = await call(c, "next")
+            first = attention["items"][0]
+            assert first["kind"] == "no-daemon" and first["mcp"]["tool"] == "status"
+            gone = await call(c, "dismiss", key="daemon", reason="the person starts it later")
+            assert gone["dismissed"] == "daemon" and (await call(c, "next"))["empty"]
+            assert await call(c, "runs") == []
+            r = await c.call_tool("finding", {"job_id": job["id"], "title": "x"})
+            assert r.is_error  # not a finished ablation: the records' own error, as a tool error
+            r = await c.call_tool("compare", {"a": "nosuch", "b": "other"})
+            assert r.is_error and "nosuch" in r.content[0].text
+
+    asyncio.run(session())

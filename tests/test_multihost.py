@@ -216,8 +216,8 @@ def test_host_death_requeues_its_job_to_the_other_host(cluster: Cluster) -> None
     assert shown["run_files"] == {"host": "hostB", "path": done["run_dir"], "here": False,
                                   "tier": None}  # the tier is known only where the files are
     assert shown["run_dir"].startswith(cluster.env["hostB"]["LAB_RUNS"])
-    assert f"run files: on host hostB at {done['run_dir']}" in lab(cluster.env["hostA"], "show",
-                                                                   str(victim)).stdout
+    text = lab(cluster.env["hostA"], "show", str(victim)).stdout  # the Files section says where
+    assert "\nFiles:\n  host  hostB (not this host)\n" in text and f"  path  {done['run_dir']}\n" in text
     print(f"\nmultihost death: job {victim} killed on hostA mid-job, requeued "
           f"{expired['at'] - died:.2f} s after the kill, claimed by hostB {reclaimed['at'] - died:.2f} s "
           f"after, started {start2 - died:.2f} s after; attempts {done['attempts']}; "

@@ -6,6 +6,7 @@ through bridge.github.parse_issue_spec, real run files in a run directory)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,160 @@ def test_key_marker_cannot_be_closed_by_its_key() -> None:
     assert forged.count("-->") == 1 and forged.endswith("-->") and "@" not in forged
     for key in ("invalid:3:0123abcd", "unauthorised:3:dependabot[bot]", "x --> @octocat <!-- y"):
         assert github.leading_markers(render.key_marker(key) + "\ntext") == [render.key_marker(key)]
+
+
+# --- what a person reads at a glance ------------------------------------------------------------
+
+# Written by the real harness (harness.ablate.run_ablation: khop, 2 arms x 2 seeds x 10 steps);
+# its summary is what an ablation job returns (tests/test_records.py explains why it is reused).
+ABLATION = Path(__file__).parent / "data" / "ablation_khop_2x2.json"
+
+
+def _summary(**kw: Any) -> dict[str, Any]:
+    summary = json.loads(ABLATION.read_text())["summary"]
+    return {**summary, "run_dir": "/runs/5", "minutes": 0.4321, **kw}
+
+
+def _decimals(text: str) -> list[str]:
+    """Every decimal number in `text` (a sign, digits, a point, digits)."""
+    return re.findall(r"(?<![\w.])[-+]?\d[\d,]*\.\d+(?![\w.])", text)
+
+
+def _significant(number: str) -> int:
+    digits = number.lstrip("+-").replace(",", "").replace(".", "").lstrip("0")
+    return len(digits)
+
+
+def test_an_ablation_result_leads_with_what_decides_the_verdict() -> None:
+    """The issue: the comment lacked the paired difference and its interval, the split it was read
+    on, mixed precisions, filled Metrics with housekeeping and did not say what next."""
+    result = _summary()
+    loop, flat = result["arms"]
+    body = render.result_comment(_job(result=result, spec={"seeds": 2, "seed_offset": 0}))
+    said = [
+        "**Verdict: inconclusive** on primary cell `test:2` (split `test`, bucket `2`, each arm at its own "
+        "depth)",
+        "**Paired difference** loop − flat: **-0.000256 [-0.296, +0.295]** (95% CI), p 0.993",
+        f"| loop | 2 | {render.sig(loop['mean'])} [{render.sig(loop['ci_low'])}, "
+        f"{render.sig(loop['ci_high'])}] | -0.000256 [-0.296, +0.295] | 0.993 | inconclusive |",
+        f"| flat | 1 | {render.sig(flat['mean'])} [",
+        "**Matching** (an axis is matched within 1.50x of the baseline; the spec claims no axis matched):",
+        "- loop vs flat: matched nothing; **not matched**: params ",
+        "**Best trivial baseline:** `majority` 0.307; no winner, and the best arm ",
+        "**Next:** inconclusive says the difference was not told from noise",
+        "More seeds narrow the interval (`seeds = 4`, or `seed_offset = 2` for 2 fresh seeds to pool with "
+        "these); more steps (`steps`, 10 here)",
+        "<details><summary>Details: run, statistics, overlap, versions</summary>",
+    ]
+    at = [body.find(s) for s in said]
+    assert all(i >= 0 for i in at) and at == sorted(at), list(zip(said, at, strict=True))
+    lead, details = body.split("<details>", 1)
+    lead = lead.split("**Verdict", 1)[1]
+    assert _decimals(lead) and all(_significant(n) == 3 for n in _decimals(lead)), _decimals(lead)
+    # housekeeping is collapsed, not a Metrics table
+    assert "**Metrics**" not in body
+    for key in ("run_dir", "minutes", "confidence", "overlap", "match_ratio"):
+        assert f"| {key} |" not in lead and f"| {key} |" in details, key
+    assert "| minutes | 0.432 |" in details and "| overlap | test 0/" in details
+    assert "verdict: inconclusive on test:2 (loop 0.226 vs flat 0.227" in details  # the harness's line
+
+
+@pytest.mark.parametrize("verdict", ["better", "worse"])
+def test_a_verdict_says_what_it_earns(verdict: str) -> None:
+    result = _summary(verdict=verdict)
+    result["arms"][0]["verdict"] = verdict
+    winner = result["arms"][0 if verdict == "better" else 1]
+    winner["mean"] = 0.9  # above the best trivial baseline (majority, 0.307)
+    body = render.result_comment(_job(result=result))
+    assert f"**Verdict: {verdict}** on primary cell `test:2`" in body
+    name = winner["name"]
+    assert f"; the winner {name} (0.900) clears it" in body
+    if verdict == "better":
+        assert "**Next:** the full run is earned: `lab submit idea --spec idea.toml`" in body
+        assert "`lab submit train ... --earned-by 5`" in body and "Replicate" in body
+        assert "`seed_offset = 2` for 2 fresh seeds" in body
+    else:
+        assert "**Next:** this is a finding: `lab finding 5 --title \"...\"`" in body and "graveyard" in body
+    winner["mean"] = 0.2
+    shortcut = render.result_comment(_job(result=result))
+    assert f"the winner {name} (0.200) does **not** clear it: a shortcut, not reasoning" in shortcut
+    # a failed job's comment says it is final; it offers no next step for a verdict it did not finish
+    failed = render.result_comment(_job(result=result, status="failed", error="boom"))
+    assert "not retried" in failed
+    assert "the full run is earned" not in failed and "this is a finding" not in failed
+
+
+def test_sig_is_three_significant_digits() -> None:
+    cases = [(0.754, "0.754"), (1.0, "1.00"), (0.05, "0.0500"), (12345.6, "12,300"), (999.6, "1,000"),
+             (-0.000255754, "-0.000256"), (42, "42"), (386.0, "386"), (250368, "250,368"), (None, "n/a"),
+             (True, "True")]
+    assert [render.sig(v) for v, _ in cases] == [want for _, want in cases]
+    assert render.sig(0.168, sign=True) == "+0.168" and render.sig(-0.005, sign=True) == "-0.00500"
+    assert render.sig(float("nan")) == "nan"
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A real training run (tiny refiner, 6 steps, an eval every 2): train and eval lines in
+    metrics.jsonl, and the summary the train job returns."""
+    import torch
+
+    import config
+    from jobs.context import LocalContext
+    from models.data import ensure_sample_data
+    from models.train import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("evaluated")
+    cfg = config.preset("tiny", arch="refiner", max_steps=6, eval_interval=2, eval_batches=1, log_interval=1)
+    try:
+        ctx = LocalContext(root / "run", echo=lambda s: None)
+        summary = train(cfg, ensure_sample_data(root), root / "run", ctx)
+    finally:
+        torch.set_num_threads(before)
+    return root / "run", summary
+
+
+def test_a_training_result_shows_train_and_validation_curves(
+        evaluated_run: tuple[Path, dict[str, Any]]) -> None:
+    run, summary = evaluated_run
+    body = render.result_comment(_job(kind="train", run_dir=str(run), result=summary))
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    charts = body.split("```mermaid\nxychart-beta\n")[1:]
+    assert len(charts) == 2
+    assert 'title "training loss"' in charts[0] and 'title "validation loss"' in charts[1]
+    val = charts[1].split("```")[0]
+    assert f'x-axis "step" [{", ".join(str(r["step"]) for r in evals)}]' in val
+    assert len(re.search(r"line \[(.*)\]", val).group(1).split(", ")) == len(evals) >= 2
+    assert f"| val_loss | {render.sig(summary['val_loss'])} |" in body  # three digits, not six
+    lead, details = body.split("<details>", 1)
+    assert "| steps | 6 |" in lead and "| params |" in lead
+    for key in ("run_dir", "checkpoint", "wall_s", "device"):
+        assert f"| {key} |" not in lead and f"| {key} |" in details, key
+
+
+def test_a_task_run_result_keeps_its_grid_and_primary_cell() -> None:
+    grid = {"1": {"test": {"all": 0.75, "1": 1.0}}, "2": {"test": {"all": 0.8, "1": 1.0}}}
+    result = {"task": "khop", "arm": "flat-1", "grid": grid, "primary": {"cell": "test", "accuracy": 0.8},
+              "trivial": {"majority": 0.3}, "counts": {"test": {"all": 20}}, "val_loss": 0.123456,
+              "run_dir": "/runs/5"}
+    body = render.result_comment(_job(kind="train", result=result))
+    assert "**Primary cell** `test`: 0.800 · trivial baselines: `majority` 0.300" in body
+    assert "Split `test`" in body and "| val_loss | 0.123 |" in body
+    assert "| grid" not in body and "| counts" not in body and "| run_dir |" in body.split("<details>", 1)[1]
+
+
+def test_numbers_a_job_returned_are_escaped_when_they_are_not_numbers() -> None:
+    """Every number in the verdict block is the bot's markdown; a result's "number" that is text
+    (a job returns what it likes) must be shown as text, not as markdown or a ping."""
+    result = _summary(tested_arms="**better** @octocat", correction="holm")
+    result["arms"][0].update(mean="**better**", ci_low="@octocat", read_depth="<!-- lab:result 9 -->")
+    result["arms"][0]["diff"]["p_holm"] = "[x](javascript:alert(1))"
+    grid = {"1": {"test": {"all": 0.5}}}
+    task = {"grid": grid, "primary": {"cell": "test", "accuracy": "**better**"}, "trivial": {"m": "@octocat"}}
+    for body in (render.result_comment(_job(result=result)), render.result_comment(_job(result=task))):
+        rest = _rest(body, [render.result_marker(5)])
+        assert "**better**" not in body and "<!--" not in rest and "[x](javascript" not in body
+        _no_ping(body)
