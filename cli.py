@@ -101,7 +101,7 @@ TOPICS: list[tuple[str, list[str]]] = [
                "kinds", "agent"]),
     ("GitHub", ["github", "labels"]),
     ("Records", ["finding", "register", "registry", "runs", "archive", "restore"]),
-    ("Operations", ["service", "mcp"]),
+    ("Operations", ["service", "serve", "mcp"]),
 ]
 
 
@@ -1343,6 +1343,36 @@ def service_print_cmd(user: str | None, env_file: str | None, workdir: str | Non
         for p in problems:
             click.echo(f"warning: {p}", err=True)
     emit({"unit": text}, as_json, text.rstrip("\n"))
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs a token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8008, show_default=True,
+              help="Port (0: any free port; the URL printed says which).")
+@click.option("--token", envvar="LAB_SERVE_TOKEN", default=None,
+              help="Required on every request when set (env LAB_SERVE_TOKEN).")
+@json_option
+def serve_cmd(host: str, port: int, token: str | None, as_json: bool) -> None:
+    """Serve a read-only web dashboard of the queue, runs, ablations and research notes.
+
+    What runs and waits (live), jobs, ablations, findings, cards and pipelines, from the same
+    store and run directories as `lab status`. GET only; binds 127.0.0.1 unless told otherwise,
+    and another address requires --token. Reach it from elsewhere through an SSH tunnel.
+
+    Example: lab serve --port 8008   # then, from a laptop: ssh -L 8008:localhost:8008 box
+    """
+    from web import app
+
+    token = token or None
+    app.check_bind(host, token)
+    sock = app.bind(host, port)
+    url = app.url_of(host, sock.getsockname()[1], token)
+    # The URL first, before the server blocks: a script (or a test) reads it from the first line.
+    emit({"url": url, "host": host, "port": sock.getsockname()[1], "token_required": bool(token)}, as_json,
+         f"lab serve: {url} (read-only; Ctrl-C stops it)")
+    sys.stdout.flush()
+    app.serve(sock, token, loopback=app.is_loopback(host))
 
 
 @main.command("mcp")

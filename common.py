@@ -307,3 +307,15 @@ def sig(v: Any, sign: bool = False, missing: str = "n/a") -> str:
     if abs(r) >= 1000:  # 12,300 rather than 1.23e+04: a count of tokens or seconds reads as one
         return f"{r:{plus},.0f}"
     return f"{r:{plus}#.3g}".rstrip(".")  # "386", not the alternate form's "386."
+
+
+def duration(seconds: Any, missing: str = "unknown") -> str:
+    """Seconds as a person reads them: `42 s`, `3 min 5 s`, `2 h 10 min`; `missing` for none."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return missing
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"

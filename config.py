@@ -319,6 +319,14 @@ class TrainConfig(Validated):
     val_fraction: float = setting(0.05, 0.0, 0.5, "tail of the token stream held out for eval")
     seed: int = setting(1337, 0, 2**31 - 1)
     threads: int = setting(0, 0, 1024, "torch CPU threads; 0 leaves torch's default")
+    # torch.compile of the model's forward + loss in the training step (models/step.py; the
+    # optimizer stays eager). Off by default, by bench/train_speed.py --compile on 2 CPU cores
+    # (2026-12-01): compiled steps 1.25x (refiner) and 1.21x (plain GPT) faster, but compiling
+    # took 118 s and 51 s per graph, and a refiner compiles one graph per loop depth it samples:
+    # ~2,000 steps per depth before it pays, more than any smoke or ablation arm trains. On a
+    # card, run the bench there (compile time and speed-up both change) before turning it on.
+    compile: bool = setting(False, doc="torch.compile the model's forward and loss in training "
+                            "(CPU: 1.2x per step, 1-2 min of compiling per depth; see config.py)")
 
 
 @dataclass(frozen=True)
@@ -606,6 +614,13 @@ class AblationConfig(Validated):
     train_examples: int = setting(0, 0, 10_000_000, "0 means fresh examples every step")
     parallel_seeds: int = setting(2, 1, 64, "seed processes at once (one torch thread each)")
     progress_seconds: float = setting(2.0, 0.0, 3600.0, "at most one progress report this often")
+    # The CPU lane's path; the GPU lane always trains an ablation's (arm, seed) runs as one group
+    # in one process, one CUDA context (harness/batched.py). False: the process pool. Measured
+    # (bench/ablation_time.py, default ablation, 2 shared cores): pool 16.19 min and 11.0 training
+    # CPU-min, grouped on 2 torch threads 15.74 min but 19.8 CPU-min (the pool ran under the
+    # heavier load); at 20 steps pool 1.02 min, grouped 1.33. Small matrices do not split well over
+    # threads: the pool's floor is half the group's, so the pool stays.
+    batched_cpu: bool = False
 
 
 ABLATION = AblationConfig()
@@ -669,6 +684,18 @@ class QueueConfig(Validated):
     # come faster than one process warms up.
     standby_gpu: int = setting(3, 0, 16)
     standby_cpu: int = setting(1, 0, 16)
+    # Off by default: a CUDA context costs VRAM (~0.3-0.5 GiB per process, more with cuBLAS
+    # handles) that the running job may need, and every GPU standby would hold one while it
+    # waits. On, it saves the next job the context's creation (a few hundred ms on a card).
+    standby_preload: bool = setting(True, doc="a lane that runs training jobs gets standbys with torch, "
+                                    "the models and the sample loaded (~3.5 CPU-s each, beside the running "
+                                    "job); off: standbys import only the queue's own code")
+    standby_cuda_init: bool = setting(False, doc="GPU-lane standbys make their CUDA context ahead of "
+                                      "time (VRAM per standby: ~0.3-0.5 GiB beside the running job)")
+    # For this long after handing a job to its process the supervisor leaves the job's start
+    # (store read, GPU lock, mark started: ~10 ms) to itself: no new standby (a python start-up
+    # takes a core), no pid or heartbeat write (two writers make one wait on SQLite's lock).
+    handover_seconds: float = setting(0.05, 0.0, 10.0, "after a hand-over: no standby start or store write")
     # The GitHub bridge (bridge/github.py); each can be overridden by LAB_QUEUE_<FIELD> (upper case).
     github_timeout_seconds: int = setting(15, 1, 300, "per request; a POST that times out is ambiguous")
     github_backoff_seconds: float = setting(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")

@@ -1,25 +1,71 @@
 """Minutes for an ablation, by default harness/specs/khop_default.toml (refiner-k4 vs flat-2
-vs flat-1 on khop, 3 seeds). Target: <= 10 minutes on 2 CPU cores. Prints the minutes on its
-last line, with the CPU time of the training processes (a figure that other load on the cores
-does not inflate). `--spec FILE` times another spec (e.g. harness/specs/chase_depth.toml);
-extra arguments are `key=value` overrides of the spec (e.g. seeds=5).
+vs flat-1 on khop, 3 seeds). Target: <= 10 minutes on 2 CPU cores. The ablation runs twice on
+this machine's lane: in the process pool (`parallel_seeds` processes of one torch thread, each
+(arm, seed) a Work of its own) and grouped (every Work in one process, one step of each in turn:
+harness/batched.py, the GPU lane's path), and the per-seed results of the two are compared.
+Prints each run's arms and verdict, the CPU time of training (a figure that other load on the
+cores does not inflate), and on its last line the minutes of both and the speed-up of the
+grouped path. `--spec FILE` times another spec (e.g. harness/specs/chase_depth.toml); `--only
+pool|batched` runs one path; extra arguments are `key=value` overrides of the spec (seeds=5).
 
     .venv/bin/python bench/ablation_time.py
     .venv/bin/python bench/ablation_time.py --spec harness/specs/chase_depth.toml
+    .venv/bin/python bench/ablation_time.py steps=60 --only batched
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
 import config  # noqa: E402
-from harness.ablate import load_spec_file, new_run_dir, parse_spec, run_ablation  # noqa: E402
+from harness.ablate import AblationSpec, load_spec_file, new_run_dir, parse_spec, run_ablation  # noqa: E402
 from jobs.context import LocalContext  # noqa: E402
+
+PATHS = ("pool", "batched")
+
+
+def timed(spec: AblationSpec, path: str) -> tuple[float, dict[str, Any]]:
+    """(minutes, summary) of the ablation on the CPU lane, by the process pool or grouped."""
+    before = config.ABLATION
+    config.ABLATION = dataclasses.replace(before, batched_cpu=path == "batched")  # what _run_all reads
+    try:
+        started = time.monotonic()
+        summary = run_ablation(spec, LocalContext(new_run_dir(f"ablation-time-{path}")))
+        return (time.monotonic() - started) / 60, summary
+    finally:
+        config.ABLATION = before
+
+
+def show(path: str, minutes: float, summary: dict[str, Any]) -> None:
+    cell = summary["primary_cell"]
+    for a in summary["arms"]:
+        grid = a["grid"][cell["split"]]
+        depths = " ".join(f"d{d}={v[cell['bucket']] or 0:.3f}" for d, v in grid.items())
+        print(f"[{path}] {a['name']}: {a['mean']:.3f} [{a['ci_low']}, {a['ci_high']}] {a['verdict']}; "
+              f"{depths}")
+    cpu = sum(sum(a["cpu_s"]) for a in summary["arms"])
+    print(f"[{path}] verdict: {summary['verdict_line']}; training CPU time {cpu / 60:.1f} min")
+    print(f"[{path}] ablation_minutes: {minutes:.2f} (target <= 10 on 2 cores; "
+          f"CPU-bound floor {cpu / 120:.2f})")
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How far apart the two runs' per-seed results are: final losses, primary values."""
+    loss = max(abs(x - y) for p, q in zip(a["arms"], b["arms"], strict=True)
+               for x, y in zip(p["final_loss"], q["final_loss"], strict=True))
+    primary = max(abs(x - y) for p, q in zip(a["arms"], b["arms"], strict=True)
+                  for x, y in zip(p["per_seed"], q["per_seed"], strict=True))
+    return (f"per-seed results, pool vs batched: final loss max |diff| {loss:.2e}, "
+            f"primary cell max |diff| {primary:.3f}")
 
 
 def main() -> int:
@@ -27,21 +73,29 @@ def main() -> int:
     path = ROOT / "harness" / "specs" / "khop_default.toml"
     if args[:1] == ["--spec"] and len(args) > 1:
         path, args = Path(args[1]), args[2:]
+    paths = PATHS
+    if "--only" in args:
+        i = args.index("--only")
+        paths, args = (args[i + 1],), args[:i] + args[i + 2:]
+        if paths[0] not in PATHS:
+            raise SystemExit(f"--only: {paths[0]!r} is not one of {', '.join(PATHS)}")
     spec = load_spec_file(path)
     overrides = config.parse_assignments(args)
     if overrides:
         spec = parse_spec({**spec.to_dict(), **overrides})
-    started = time.monotonic()
-    summary = run_ablation(spec, LocalContext(new_run_dir("ablation-time")))
-    minutes = (time.monotonic() - started) / 60
-    cell = summary["primary_cell"]
-    for a in summary["arms"]:
-        grid = a["grid"][cell["split"]]
-        depths = " ".join(f"d{d}={v[cell['bucket']] or 0:.3f}" for d, v in grid.items())
-        print(f"{a['name']}: {a['mean']:.3f} [{a['ci_low']}, {a['ci_high']}] {a['verdict']}; {depths}")
-    cpu = sum(sum(a["cpu_s"]) for a in summary["arms"])
-    print(f"verdict: {summary['verdict_line']}; training CPU time {cpu / 60:.1f} min")
-    print(f"ablation_minutes: {minutes:.2f} (target <= 10 on 2 cores; CPU-bound floor {cpu / 120:.2f})")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the runs")
+    runs = {}
+    for p in paths:
+        runs[p] = timed(spec, p)
+        show(p, *runs[p])
+    if len(runs) == 1:
+        (p, (minutes, _)), = runs.items()
+        print(f"ablation: {minutes:.2f} min ({p})")
+        return 0
+    print(compare(runs["pool"][1], runs["batched"][1]))
+    (pool, _), (batched, _) = runs["pool"], runs["batched"]
+    print(f"ablation: {batched:.2f} min (batched), per-process {pool:.2f} min, "
+          f"speed-up {pool / batched:.2f}x")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Training speed of the CausalRefiner against a plain GPT of (nearly) equal FLOPs per token.
 
     python bench/train_speed.py [--preset P] [--depth K] [--rounds 21] [--set key=value ...]
+    python bench/train_speed.py --compile [...]   # eager vs torch.compile, per model (train.compile)
 
 The plain GPT is the reasoner at a fixed depth L, same width and parts, with L chosen so its
 training FLOPs per token (models.flops) are as close as possible to the refiner's at K loop
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,18 +55,21 @@ def plain_config(refiner: config.Config, depth: int, overrides: dict) -> tuple[c
 
 
 class Timer:
-    """Times forward + backward steps of one model at a fixed depth."""
+    """Times forward + backward steps of one model at a fixed depth; `compiled`: through
+    torch.compile, as models/step.py does with `train.compile` (the forward and loss)."""
 
-    def __init__(self, cfg: config.Config, depth: int, device: str, idx: torch.Tensor):
+    def __init__(self, cfg: config.Config, depth: int, device: str, idx: torch.Tensor,
+                 compiled: bool = False):
         torch.manual_seed(0)
         self.model = build_model(cfg).to(device).train()
+        self.forward = torch.compile(self.model) if compiled else self.model
         self.depth, self.device, self.idx = depth, device, idx
         self.scaler = torch.amp.GradScaler("cuda") if device == "cuda" else None
         self.flops = train_flops_at_depth(cfg.model, depth) * idx.numel()
 
     def step(self) -> None:
         with torch.autocast(self.device, dtype=torch.float16, enabled=self.device == "cuda"):
-            _, loss = self.model(self.idx, self.idx, n_steps=self.depth)
+            _, loss = self.forward(self.idx, self.idx, n_steps=self.depth)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.model.zero_grad(set_to_none=True)
 
@@ -79,6 +83,30 @@ class Timer:
         return time.perf_counter() - t0
 
 
+def compare_compiled(refiner_cfg: config.Config, depth: int, plain_cfg: config.Config, plain_depth: int,
+                     device: str, idx: torch.Tensor, args: argparse.Namespace) -> None:
+    """`--compile`: per model, eager and compiled steps interleaved; the median per-round
+    speed-up (eager seconds / compiled seconds: above 1 the compiled step is faster). The first
+    compiled steps (the compilation) are timed apart and left out."""
+    speedups: dict[str, float] = {}
+    for name, cfg, d in (("refiner", refiner_cfg, depth), ("gpt", plain_cfg, plain_depth)):
+        eager, compiled = Timer(cfg, d, device, idx), Timer(cfg, d, device, idx, compiled=True)
+        eager.seconds(2)
+        t0 = time.perf_counter()
+        compiled.seconds(2)  # compiles (one graph: the depth is fixed)
+        print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        ratios = []
+        for r in range(args.rounds):
+            pair = (eager, compiled) if r % 2 == 0 else (compiled, eager)
+            t = {id(x): x.seconds(args.steps) for x in pair}
+            ratios.append(t[id(eager)] / t[id(compiled)])
+            print(f"{name} round {r}: eager {t[id(eager)] / args.steps * 1e3:.1f} ms/step, compiled "
+                  f"{t[id(compiled)] / args.steps * 1e3:.1f} ms/step, speed-up {ratios[-1]:.3f}", flush=True)
+        speedups[name] = statistics.median(ratios)
+    print(f"compile: refiner {speedups['refiner']:.2f}x, gpt {speedups['gpt']:.2f}x "
+          "(eager/compiled step time; > 1: compiled is faster)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, choices=list(config.PRESETS),
@@ -88,6 +116,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per model per round")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--compile", action="store_true",
+                    help="instead: each model eager vs torch.compile'd (what train.compile does)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,6 +134,9 @@ def main() -> None:
     idx = torch.randint(0, m.vocab_size, (refiner_cfg.train.batch_size, m.block_size), generator=gen)
     idx = idx.to(device)
 
+    if args.compile:
+        compare_compiled(refiner_cfg, depth, plain_cfg, plain_depth, device, idx, args)
+        return
     refiner = Timer(refiner_cfg, depth, device, idx)
     plain = Timer(plain_cfg, plain_depth, device, idx)
     print(f"device {device}, preset {args.preset} {overrides}: batch {tuple(idx.shape)}, d_model {m.d_model}")

@@ -97,14 +97,7 @@ _VERDICTS = ("better", "worse", "inconclusive")
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "unknown"
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
+    return common.duration(seconds)
 
 
 def number(v: Any) -> str:

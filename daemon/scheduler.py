@@ -7,7 +7,9 @@ enqueues "execute job N, attempt A" on that lane's huey queue. huey's consumer t
 the GPU lane, N for the CPU lane) dequeue it and run `workers.supervise.run_job`, which starts
 the job's own process and watches it. When a job ends, its worker thread claims the next one at
 once, so the GPU lane does not wait a poll interval between jobs, and the next job's process is
-already started and imported (`workers.supervise.ProcessPool`), so it does not wait for python.
+already started and imported (`workers.supervise.ProcessPool`; for a lane that trains, torch and
+the models too), so it does not wait for python. Every heartbeat the pool retires standbys
+started at an older commit than HEAD.
 
 Why claim before enqueueing: huey forgets a message when it is dequeued, so the store's row (with
 a lease) is the truth. A daemon killed with claimed messages still in huey leaves leases that
@@ -147,6 +149,10 @@ class Daemon:
         self._reap_dead_daemons()
         self._sweep()
         for lane in self.lanes:
+            # The lane's standbys preload torch when what waits trains (workers.supervise).
+            waiting = self.store.list_jobs(["queued"], lane=lane, limit=1)
+            if waiting:
+                self.pool.expect(lane, waiting[0]["kind"])
             self.pool.warm(lane)
         for c in self.consumers.values():
             c.start()
@@ -163,6 +169,8 @@ class Daemon:
                     self._check_disk()
                     self.store.daemon_heartbeat(self.id, self.paused)
                     self._reap_dead_daemons()
+                    for lane in self.lanes:
+                        self.pool.warm(lane)  # retires standbys of an older commit than HEAD
                 if t >= next_sweep:
                     next_sweep = t + self.q.sweep_seconds
                     self._sweep()

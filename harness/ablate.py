@@ -398,9 +398,58 @@ def _run_in_child(work: Any) -> Any:
     return train_and_eval(work, report)
 
 
+def use_batched(device: str) -> bool:
+    """Whether an ablation's Works train as one group in this process (harness/batched.py): on
+    the GPU lane always (one process, one CUDA context); on CPU as config.ABLATION.batched_cpu
+    says (chosen by measurement: see its comment)."""
+    return device != "cpu" or config.ABLATION.batched_cpu
+
+
 def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
-    """Run every (arm, seed) in `parallel_seeds` child processes (one torch thread each) and
-    forward their progress to ctx.progress as one overall step count."""
+    """Run every (arm, seed): as one group in this process (use_batched), else in
+    `parallel_seeds` child processes (one torch thread each); forward their progress to
+    ctx.progress as one overall step count."""
+    if items and use_batched(items[0].device):
+        return _run_grouped(items, spec, ctx)
+    return _run_pool(items, spec, ctx)
+
+
+def _log_done(ctx: Any, w: Any, r: Any) -> None:
+    own = r.grid[max(d for d in r.grid if d <= (w.n_steps or w.cfg.model.depth_eval))]
+    accs = " ".join(f"{k}={_pct(v['all'])}" for k, v in own.items())
+    ctx.log(f"done {w.arm_name} seed {w.seed}: {r.steps} steps in {r.wall_s:.0f}s "
+            f"({r.cpu_s:.0f} CPU s), {accs}")
+
+
+def _run_grouped(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
+    """Every (arm, seed) in this process, one step of each in turn (harness/batched.py): the
+    same results as the process pool, one CUDA context on the GPU lane."""
+    from harness.batched import group_threads, train_group
+
+    done_steps: dict[tuple[int, int], int] = {}
+    totals = {(w.arm_index, w.seed): 0 if w.cfg.train.max_seconds else w.cfg.train.max_steps for w in items}
+    last_report = 0.0
+
+    def report(w: Any, step: int, total: int, loss: float) -> None:
+        nonlocal last_report
+        done_steps[(w.arm_index, w.seed)], totals[(w.arm_index, w.seed)] = step, total
+        if time.monotonic() - last_report >= config.ABLATION.progress_seconds:
+            last_report = time.monotonic()
+            ctx.progress(sum(done_steps.values()), sum(totals.values()), arm=w.arm_name, seed=w.seed,
+                         arm_step=step, loss=float(loss))
+
+    # the pool's core budget: parallel_seeds processes of one thread, or one group of that many
+    threads = group_threads(items[0].device, config.ABLATION.parallel_seeds)
+    ctx.log(f"grouped: {len(items)} (arm, seed) runs in one process on {items[0].device}, "
+            f"{threads} torch threads")
+    results = train_group(items, report, on_done=lambda w, r: _log_done(ctx, w, r), threads=threads)
+    steps = sum(r.steps for r in results)
+    ctx.progress(steps, steps, arms=len({w.arm_index for w in items}), seeds=spec.seeds)
+    return results
+
+
+def _run_pool(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
+    """Every (arm, seed) in `parallel_seeds` spawned child processes of one torch thread each."""
     workers = max(1, min(config.ABLATION.parallel_seeds, len(items)))
     spawn = mp.get_context("spawn")  # fork after torch is loaded is not safe
     progress_queue = spawn.Queue()
@@ -433,10 +482,7 @@ def _run_all(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
                     r = fut.result()
                     done_steps[(w.arm_index, w.seed)] = totals[(w.arm_index, w.seed)] = r.steps
                     results.append(r)
-                    own = r.grid[max(d for d in r.grid if d <= (w.n_steps or w.cfg.model.depth_eval))]
-                    accs = " ".join(f"{k}={_pct(v['all'])}" for k, v in own.items())
-                    ctx.log(f"done {w.arm_name} seed {w.seed}: {r.steps} steps in {r.wall_s:.0f}s "
-                            f"({r.cpu_s:.0f} CPU s), {accs}")
+                    _log_done(ctx, w, r)
     finally:
         progress_queue.close()
     steps = sum(r.steps for r in results)

@@ -195,34 +195,48 @@ class ArmRun:
               after_step: Callable[[ArmRun, float, float], None] | None = None) -> None:
         """Steps until the budget is spent (from self.step: a restored run goes on from there).
         `after_step(run, raw loss, lr)`, the hook of a run outside an ablation, follows each step."""
-        from models.step import TrainingDiverged
-
-        work, tcfg = self.work, self.work.cfg.train
         started, before = time.monotonic(), self.train_s
         self.cpu_started = time.process_time()
         self.model.train()
         while True:
             elapsed = before + (time.monotonic() - started)
-            if (tcfg.max_seconds > 0 and elapsed >= tcfg.max_seconds) or self.step >= tcfg.max_steps:
+            if self.budget_spent(elapsed):
                 break
-            try:
-                value, lr = self.step_fn(self.next_batch, self.step, elapsed)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{work.arm_name} seed {work.seed}: {e}") from None
-            self.step += 1
-            self.smooth = value if math.isnan(self.smooth) else 0.95 * self.smooth + 0.05 * value
+            value, lr = self.advance(elapsed, report)
             self.train_s = before + (time.monotonic() - started)
-            if self.step % tcfg.log_interval == 0:
-                self.curve.append((self.step, self.smooth))
-                if report is not None:
-                    if tcfg.max_seconds > 0:
-                        est_total = max(self.step, int(self.step * tcfg.max_seconds / max(elapsed, 1e-9)))
-                    else:
-                        est_total = tcfg.max_steps
-                    report(self.step, est_total, self.smooth)
             if after_step is not None:
                 after_step(self, value, lr)
         self.wall_s = time.monotonic() - started
+
+    # budget_spent and advance are the loop's body, apart so that harness/batched.py can step
+    # several runs in one process, one step of each in turn, through the same code as train().
+    def budget_spent(self, elapsed: float) -> bool:
+        """Whether the budget is spent after `elapsed` seconds of this run's training."""
+        tcfg = self.work.cfg.train
+        return (tcfg.max_seconds > 0 and elapsed >= tcfg.max_seconds) or self.step >= tcfg.max_steps
+
+    def advance(self, elapsed: float, report: Callable[[int, int, float], None] | None = None
+                ) -> tuple[float, float]:
+        """One optimizer step at `elapsed` seconds of training: the smoothed loss, the curve and
+        `report` every log interval. Returns (raw loss, lr)."""
+        from models.step import TrainingDiverged
+
+        work, tcfg = self.work, self.work.cfg.train
+        try:
+            value, lr = self.step_fn(self.next_batch, self.step, elapsed)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{work.arm_name} seed {work.seed}: {e}") from None
+        self.step += 1
+        self.smooth = value if math.isnan(self.smooth) else 0.95 * self.smooth + 0.05 * value
+        if self.step % tcfg.log_interval == 0:
+            self.curve.append((self.step, self.smooth))
+            if report is not None:
+                if tcfg.max_seconds > 0:
+                    est_total = max(self.step, int(self.step * tcfg.max_seconds / max(elapsed, 1e-9)))
+                else:
+                    est_total = tcfg.max_steps
+                report(self.step, est_total, self.smooth)
+        return value, lr
 
     def eval_loss(self, batch: Batch, chunk: int = 0) -> float:
         """The mean loss of the batch's rows at the arm's own depth, in chunks of a training

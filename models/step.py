@@ -9,6 +9,11 @@ that is meant to earn it.
 
 The fp16 path is nanoGPT's. On CPU the scaler is disabled and everything is fp32; there is no
 bfloat16 anywhere (the target card has none).
+
+`train.compile` (config.TrainConfig) runs the model's forward and loss through torch.compile
+(AOTAutograd compiles their backward too); the optimizer, the scaler and clipping stay eager,
+and `model` itself is untouched, so its state_dict, checkpoints and exact resume are the same
+either way. Off by default: bench/train_speed.py --compile measures when it pays.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class TrainStep:
                                            growth_interval=cfg.precision.grad_scaler_growth_interval,
                                            enabled=self.fp16)
         self.skipped = 0
+        # The callable that computes (logits, loss); compiled lazily by torch on its first call
+        # (seconds to minutes on a CPU: each new depth a refiner samples is a recompile).
+        self.forward: Callable[..., Any] = torch.compile(model) if cfg.train.compile else model
 
     def __call__(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], step: int,
                  elapsed_s: float = 0.0) -> tuple[float, float]:
@@ -86,7 +94,7 @@ class TrainStep:
         for _ in range(t.grad_accum):
             x, y = next_batch()
             with autocast_for(self.cfg, self.device):
-                _, loss = self.model(x, y)
+                _, loss = self.forward(x, y)
                 loss = loss / t.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()

@@ -406,8 +406,11 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathL
     if resume and not (trainer.run_dir / LAST).exists():
         raise FileNotFoundError(f"resume: no checkpoint {trainer.run_dir / LAST} to resume from")
     try:
-        return trainer.run(resume, eval_first)
+        summary = trainer.run(resume, eval_first)
+        write_curves(trainer.run_dir, ctx)
+        return summary
     except TrainingDiverged as e:
+        write_curves(trainer.run_dir, ctx)  # a diverged run's curves show where it went wrong
         trainer.metric({"event": "diverged", "step": trainer.step, "error": str(e)})
         write_json_atomic(trainer.run_dir / "summary.json",
                           {"status": "diverged", "error": str(e), "steps": trainer.step,
@@ -417,6 +420,50 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathL
         ctx.log("status: diverged")
         ctx.log(f"steps: {trainer.step}")
         raise
+
+
+def write_curves(run_dir: Path, ctx: Any) -> Path | None:
+    """run_dir/curves.png from metrics.jsonl: train and validation loss, the learning rate and
+    the fp16 steps the GradScaler skipped, against the step. A plot is a convenience: any failure
+    is logged and the run's result stands."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a GPU box or in the queue
+        import matplotlib.pyplot as plt
+
+        rows = []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line (killed mid-write)
+        train = [r for r in rows if r.get("event") == "train"]
+        evals = [r for r in rows if r.get("event") == "eval" and r.get("val_loss") is not None]
+        fig, (ax_loss, ax_lr, ax_skip) = plt.subplots(1, 3, figsize=(13, 3.6))
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train")
+        ax_loss.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
+                     label="validation")
+        ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+        ax_loss.legend(fontsize=8)
+        ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1, color="tab:green")
+        ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax_skip.step([r["step"] for r in train], [r.get("skipped_steps", 0) for r in train], where="post",
+                     color="tab:red")
+        ax_skip.set(xlabel="step", ylabel="skipped steps (cumulative)", title="fp16 overflow skips")
+        ax_skip.yaxis.get_major_locator().set_params(integer=True)
+        ax_skip.set_ylim(0, max([1, *(r.get("skipped_steps", 0) for r in train)]) * 1.1)  # 0 skips: flat at 0
+        for ax in (ax_loss, ax_lr, ax_skip):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = run_dir / "curves.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+    except Exception as e:  # noqa: BLE001 - the plot must never fail a finished run
+        ctx.log(f"curves.png not written: {type(e).__name__}: {e}")
+        return None
 
 
 def with_budget(cfg: Config, **train_overrides: Any) -> Config:

@@ -27,6 +27,9 @@ FAST = {
     "LAB_QUEUE_POLL_SECONDS": "0.1",
     "LAB_QUEUE_KILL_GRACE_SECONDS": "1",
     "LAB_QUEUE_SHUTDOWN_SECONDS": "3",
+    # A preloading standby takes ~3.5 CPU-s beside the job it waits behind: on 2 cores that slows
+    # every daemon test's jobs. Its own tests turn it on (tests/test_workers.py, bench/card_idle.py).
+    "LAB_QUEUE_STANDBY_PRELOAD": "false",
 }
 
 

@@ -35,6 +35,7 @@ SURFACE = {
     "restore": ['run', '--json'],
     "retry": ['job_id', '--json'],
     "runs": ['--json'],
+    "serve": ['--host', '--json', '--port', '--token'],
     "service print": ['--agent', '--cpu-workers', '--env-file', '--gpu-group', '--group', '--json',
                       '--token-file', '--token-via', '--user', '--workdir'],
     "show": ['job_id', '--json'],

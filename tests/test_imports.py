@@ -9,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Rooms from the top down; a module may import its own room and any room below it, never one
-# above. The store is a leaf that the daemon and the job process (workers) both use.
-ROOMS = ["cli", "guard", "bridge", "daemon", "workers", "jobs", "records", "harness", "models", "store",
-         "common", "config"]
+# above. The store is a leaf that the daemon and the job process (workers) both use. The dashboard
+# (web) sits above the bridge: it shows the bridge's state through bridge.github.status_summary.
+ROOMS = ["cli", "guard", "web", "bridge", "daemon", "workers", "jobs", "records", "harness", "models",
+         "store", "common", "config"]
 RANK = {room: i for i, room in enumerate(ROOMS)}
 # Rooms that share a rank: neither may import the other.
 PEERS = [{"records", "harness"}, {"models", "store"}]

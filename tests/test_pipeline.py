@@ -23,16 +23,16 @@ from config import ConfigError
 from daemon import pipeline
 from store import FINAL, Store
 
-# Two ablations measured before these tests were written (17 s each on 2 cores): `WINS` says
+# Two ablations measured before these tests were written (about 12 s each on 2 cores): `WINS` says
 # better for flat-1 against a 8-wide model (on a shortcut: the verdict line says so), `TIES` says
 # inconclusive for an init change. Both deterministic: the harness seeds every arm.
 ABLATION_BASE = """
 task = "khop"
 seeds = 3
-steps = 100
+steps = 60
 primary = "test"
 eval_depths = [1]
-eval_examples = 200
+eval_examples = 120
 """
 WINS = ABLATION_BASE + """
 baseline = "narrow"
@@ -60,7 +60,7 @@ set = { init_std = 0.03 }
 """
 
 
-def idea_toml(ablation: str, arm: str, full: str = 'preset = "ablation", steps = 60') -> str:
+def idea_toml(ablation: str, arm: str, full: str = 'preset = "ablation", steps = 30') -> str:
     """An Idea issue's spec block: the idea's words, its arm, the stages' budgets, the ablation."""
     return (f'kind = "idea"\nhypothesis = "A wider model reads the pointer"\n'
             f'kill = "{arm} is not better than the baseline on test"\narm = "{arm}"\n'

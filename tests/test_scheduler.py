@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +183,49 @@ def test_disk_guard_holds_both_lanes_and_status_says_why(env, daemons, tmp_path)
     assert "disk guard" in status["lanes"]["gpu"]["paused"]
     assert status["disk"]["ok"] is False
     stop_daemon(daemons[0])
+
+
+def test_after_a_commit_jobs_run_the_new_code(tmp_path: Path, daemons) -> None:
+    """Standbys import the code before their job comes; after a `git commit` a job must still run
+    the code of the commit it records. A private copy of the checkout with a git repository of
+    its own (a test never commits to the real one) runs the daemon; between two jobs its
+    workers/run.py changes and is committed: the second job prints the new line, names the new
+    commit, and no job process says the old one."""
+    root = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "checkout"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "queue.db*", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info"))
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    first = git("rev-parse", "HEAD")
+    env = queue_env(tmp_path, LAB_QUEUE_STANDBY_GPU="1")
+    store = Store(env["LAB_DB"])
+    with open(tmp_path / "daemon.log", "ab") as log:
+        daemons.append(subprocess.Popen([sys.executable, "-m", "cli", "daemon", "--lanes", "gpu"], cwd=copy,
+                                        env=env, stdout=log, stderr=subprocess.STDOUT))
+    one = store.submit("sleep", "gpu", {"seconds": 0.1}, timeout_s=60, max_attempts=1)
+    wait_jobs(store, [one], 60)
+    assert f"code of commit {first}" in (Path(store.get(one)["run_dir"]) / "log.txt").read_text()
+    time.sleep(0.5)  # the used standby's replacement is up, with the first commit's code
+    run_py = copy / "workers" / "run.py"
+    run_py.write_text(run_py.read_text().replace('_say(f"lab: job {job_id} succeeded")',
+                                                 '_say(f"lab: job {job_id} succeeded (new code)")'))
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "two")
+    second = git("rev-parse", "HEAD")
+    two = store.submit("sleep", "gpu", {"seconds": 0.1}, timeout_s=60, max_attempts=1)
+    rows = wait_jobs(store, [two], 60)
+    assert rows[0]["status"] == "succeeded"
+    text = (Path(rows[0]["run_dir"]) / "log.txt").read_text()
+    assert f"lab: job {two} succeeded (new code)" in text
+    # A standby started at the new commit (the heartbeat retired the old one), or the old one
+    # re-executed itself: either way the code and the commit named are the second's.
+    assert (f"code of commit {second} (loaded before the job came)" in text
+            or f"HEAD is now {second[:12]}; restarting as a fresh process" in text), text
+    assert f"code of commit {first}" not in text

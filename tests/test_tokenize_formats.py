@@ -212,7 +212,7 @@ def test_lab_tokenize_field_and_force(tmp_runs: Path, tmp_path: Path,
 
 
 def test_bench_smoke_last_line() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tokenize.py"), "--mb", "1"],
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tokenize_speed.py"), "--mb", "1"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]

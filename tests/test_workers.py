@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers_daemon import gpu_lock_holder, pid_alive, queue_env, set_env, wait_for
 
+from common import git_commit
 from store import Store
 from workers import gpu_lock
-from workers.supervise import describe_exit, run_job
+from workers.run import WorkerContext
+from workers.supervise import ProcessPool, describe_exit, run_job
 
 
 @pytest.fixture
@@ -142,3 +145,110 @@ def test_stale_attempt_does_not_run(queue) -> None:
     store.finish(job["id"], 1, "cancelled", error="cancelled before it ran")
     assert run(store, env, job) == "cancelled"
     assert not (Path(job["run_dir"]) / "times.json").exists()
+
+
+# --- standbys: what they load, and from which commit ------------------------------------------
+
+
+def _pool(env: dict[str, str], head: Any = git_commit) -> ProcessPool:
+    runs = Path(env["LAB_RUNS"])
+    runs.mkdir(parents=True, exist_ok=True)
+    return ProcessPool(env["LAB_DB"], runs, "testhost", head=head)
+
+
+def test_progress_records_when_the_first_step_ended(queue) -> None:
+    """bench/card_idle.py reads the card's idle time from these, not from logs."""
+    store, env = queue
+    job = claim(store, env, lane="gpu")
+    ctx = WorkerContext(store, job["id"], job["attempts"], Path(job["run_dir"]), "gpu")
+    ctx.progress(0, 4)
+    assert store.get(job["id"])["progress"]["first_step_at"] is None  # step 0: nothing trained yet
+    before = time.time()
+    ctx.progress(1, 4)
+    ctx.progress(4, 4)  # the last step is always written (the rate limit spares it)
+    progress = store.get(job["id"])["progress"]
+    assert before <= progress["first_step_at"] <= progress["step_at"] <= time.time()
+
+
+def test_the_pool_retires_standbys_of_an_older_commit(queue, monkeypatch) -> None:
+    """After a `git commit` the daemon's next `warm` (every heartbeat) replaces the standbys that
+    imported the old code. HEAD is a parameter here: a test must not commit to the checkout."""
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    head = ["a" * 40]
+    pool = _pool(env, head=lambda: head[0])
+    try:
+        pool.warm("gpu")
+        (old,) = pool._ready["gpu"]
+        pool.warm("gpu")
+        assert pool._ready["gpu"] == [old]  # HEAD unchanged: kept
+        head[0] = "b" * 40
+        pool.warm("gpu")
+        (new,) = pool._ready["gpu"]
+        assert new.commit == "b" * 40 and new.proc.pid != old.proc.pid
+        assert old.proc.wait(20) == 0  # told it is not needed (stdin closed): it left by itself
+    finally:
+        pool.close()
+
+
+def test_a_stale_standby_runs_its_job_as_a_fresh_process(queue, monkeypatch) -> None:
+    """A standby started before a commit and handed a job after it (before the pool's next warm)
+    re-executes itself: same pid, which the supervisor watches on, and the new code runs."""
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    pool = _pool(env, head=lambda: "0" * 40)  # what the daemon saw as HEAD when it started it
+    try:
+        pool.warm("gpu")
+        (standby,) = pool._ready["gpu"]
+        job = claim(store, env, lane="gpu", seconds=0.1)
+        outcome = run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                          stop_deadline=lambda: None, pool=pool)
+    finally:
+        pool.close()
+    row = store.get(job["id"])
+    assert outcome == "succeeded" and row["pid"] == standby.proc.pid
+    log = (Path(row["run_dir"]) / "log.txt").read_text()
+    assert f"loaded commit {'0' * 12}, HEAD is now {git_commit()[:12]}; restarting as a fresh process" in log
+    assert "(loaded before the job came)" not in log  # the fresh process is not a standby
+
+
+def test_a_current_standby_records_its_commit(queue, monkeypatch) -> None:
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    pool = _pool(env)
+    try:
+        pool.warm("gpu")
+        job = claim(store, env, lane="gpu", seconds=0.1)
+        assert run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                       stop_deadline=lambda: None, pool=pool) == "succeeded"
+    finally:
+        pool.close()
+    log = (Path(job["run_dir"]) / "log.txt").read_text()
+    assert f"code of commit {git_commit()} (loaded before the job came)" in log
+    assert "restarting" not in log
+
+
+def test_a_training_lane_standby_preloads_torch_and_runs_a_smoke(queue, monkeypatch) -> None:
+    """A lane that trains gets standbys with torch, the models and the sample data loaded; the
+    smoke handed to one trains, and its first step is in the store."""
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_PRELOAD", "true")  # the suite's daemons run without it
+    pool = _pool(env)
+    try:
+        pool.expect("gpu", "smoke")
+        pool.warm("gpu")
+        (standby,) = pool._ready["gpu"]
+        assert standby.heavy
+        workers_log = Path(env["LAB_RUNS"]) / "workers.log"
+        wait_for(lambda: workers_log.exists() and "preloaded torch in" in workers_log.read_text(), 120,
+                 "the standby to preload torch")
+        store.submit("smoke", "gpu", {"preset": "tiny", "steps": 4}, timeout_s=300, max_attempts=1)
+        job = store.claim_next("gpu", "test", "testhost", Path(env["LAB_RUNS"]), 30)
+        assert run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                       stop_deadline=lambda: None, pool=pool) == "succeeded"
+    finally:
+        pool.close()
+    row = store.get(job["id"])
+    assert row["pid"] == standby.proc.pid
+    assert row["started_at"] < row["progress"]["first_step_at"] <= row["progress"]["step_at"]

@@ -2,7 +2,12 @@
 
 (`python -m workers.run --standby` is the same process started ahead of time; it reads
 "JOB_ID ATTEMPT LOG_PATH" from stdin, so the GPU lane does not wait for python's start-up and
-imports between two jobs.)
+imports between two jobs. One of a lane that trains (LAB_STANDBY_PRELOAD=torch, set by
+workers.supervise.ProcessPool) also imports torch, the models and the harness, pays torch's
+lazy first-use costs and tokenizes the sample while it waits (`preload`), so a training job's
+first step follows its hand-over by little more than its model build. A standby records the
+commit it was started at (LAB_STANDBY_COMMIT); handed a job after HEAD moved, it re-executes
+itself as a fresh process first.)
 
 Started by the daemon (workers.supervise) as the leader of its own process group, with stdout and
 stderr going to `runs/<job_id>/log.txt`. In order it:
@@ -13,7 +18,8 @@ stderr going to `runs/<job_id>/log.txt`. In order it:
 3. marks the job started, runs `jobs.get_kind(kind).run(spec, ctx)`, and records the result
    (succeeded) or the exception (failed, exit 1) for its own attempt only.
 A death by signal or an exit without a result is recorded by the supervisor, or, when nobody
-supervises, by the lease sweep. This module imports no torch; a kind imports it inside `run`.
+supervises, by the lease sweep. This module imports no torch at import; a kind imports it
+inside `run`, a training lane's standby in `preload`.
 
 Its own writes to the log are best effort (`_say`): on a full disk a print must not keep the
 outcome, or the reason, out of the store.
@@ -22,6 +28,7 @@ outcome, or the reason, out of the store.
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import math
 import os
@@ -32,15 +39,23 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import config
 import jobs
+from common import git_commit
 from jobs.paths import check_spec_paths
 from store import Store, iso
 from workers import gpu_lock
 from workers.eta import EtaEstimator
-from workers.supervise import STOPPED_FILE
+from workers.supervise import (
+    COMMIT_ENV,
+    PRELOAD_ENV,
+    STOPPED_FILE,
+    TRAINING_KINDS,
+    HeadWatch,
+    standby_state_path,
+)
 
 
 def _first_line(e: BaseException) -> str:
@@ -104,6 +119,10 @@ class WorkerContext:
         self._last_write = -math.inf
         self._eta = EtaEstimator()
         self._device: str | None = None
+        # Wall clock (epoch s) of the first report of a finished step: when the card first did
+        # the job's work. Kept in every progress write, so bench/card_idle.py reads the lane's
+        # idle time (previous job's last step -> this one's first) from the store, not from logs.
+        self.first_step_at: float | None = None
 
     @property
     def device(self) -> str:
@@ -118,6 +137,9 @@ class WorkerContext:
 
     def progress(self, step: int, total: int, **metrics: float) -> None:
         t = self.clock()
+        wall = time.time()
+        if self.first_step_at is None and step > 0:
+            self.first_step_at = wall
         eta = self._eta.update(t, step, total)  # every report counts for the rate, written or not
         # At most two writes a second: a fast training loop must not hammer the database.
         if step < total and t - self._last_write < 0.5:
@@ -128,7 +150,9 @@ class WorkerContext:
         try:
             self.store.set_progress(self.job_id, self.attempt, {
                 "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
-                "metrics": clean, "at": iso(time.time())})
+                "metrics": clean, "at": iso(wall),
+                # epoch seconds: `at` has millisecond text; these are for timing the lane
+                "step_at": wall, "first_step_at": self.first_step_at})
         except Exception as e:  # a database blip must not kill a long run; the lease watchdog guards
             _say(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}")
 
@@ -259,22 +283,189 @@ def standby(store: Store) -> tuple[int, int] | None:
     return int(job_id), int(attempt)
 
 
+def _warm_torch() -> None:
+    import torch
+
+    # The first optimizer made in a process imports torch._dynamo (~1 s here): paid now, on a
+    # throwaway parameter, not between the job's model build and its first step.
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
+def _warm_plots() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # as the job's plots do: no display in the queue
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.canvas.draw()  # the first draw loads the font cache
+    plt.close(fig)
+
+
+def _cuda_context() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")
+
+
+def _sample_data() -> None:
+    from jobs.train import data_dir_for
+
+    data_dir_for(config.SAMPLE_DATASET)  # tokenized once per LAB_RUNS, on first use
+
+
+# What the training kinds' `run` needs (jobs/smoke.py, train.py, eval.py, ablation.py), loaded by
+# a standby of a lane that trains before it is handed a job, in the order a plain training run
+# or smoke needs it, so a job that comes half-way finds the first part done. Measured on 2
+# cores: torch ~1.7 s, its first optimizer ~1 s, matplotlib with its first draw ~0.5 s (a run
+# draws curves.png after its last step: card time too), harness (scipy.stats) ~0.9 s.
+PRELOAD: tuple[tuple[str, Callable[[], object]], ...] = (
+    *((m, lambda m=m: importlib.import_module(m)) for m in (
+        "numpy", "torch", "models", "models.step", "models.data", "models.train", "jobs.train",
+        "jobs.smoke")),
+    ("the first optimizer", _warm_torch),
+    ("the sample data", _sample_data),
+    ("matplotlib", _warm_plots),
+    *((m, lambda m=m: importlib.import_module(m)) for m in (
+        "harness.stats", "harness.tasks", "harness.ablate", "harness.train_task", "harness.batched",
+        "harness.plot", "jobs.eval", "jobs.ablation")),
+)
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass  # only a preference of the pool's is lost
+
+
+def _take_slot(slots: list[Path]) -> IO[str] | None:
+    """The first free one of `slots` (lock files), held until the file is closed; None if all
+    are taken."""
+    import fcntl
+
+    for path in slots:
+        try:
+            f = open(path, "a")
+        except OSError:
+            continue
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except OSError:
+            f.close()
+    return None
+
+
+def preload(lane: str, q: config.QueueConfig, stop: threading.Event) -> None:
+    """Everything a training job does before its first step that does not depend on the job:
+    imports, torch's lazy first-use costs, the shipped sample's tokens, and (only if configured)
+    the CUDA context. Errors are logged, never raised: the job meets the same fault itself and
+    records it. `stop`: a job came; the module being imported is finished, the rest is left to
+    the job.
+
+    At most one standby per core but one preloads at a time (lock files in LAB_RUNS): three at
+    once, 3-4 CPU-seconds each, took the running job's CPU on 2 cores and stretched its own steps
+    and evals, which is card time lost too. (A nice'd thread was tried: a job handed to a standby
+    half-way through then waited for the rest at the lowest priority, 4 s once.)
+    """
+    cuda = lane == "gpu" and q.standby_cuda_init
+    # A slot per core but one (that one is the running job's): one at a time on 2 cores.
+    runs = Path(config.paths().runs)
+    slots = [runs / f"standby-preload.{i}.lock" for i in range(max(1, (os.cpu_count() or 2) - 1))]
+    lock = None
+    while lock is None and runs.is_dir():  # no runs directory to hold the slots: preload at once
+        lock = _take_slot(slots)
+        if lock is None and stop.wait(0.05):
+            return  # the job came first: it imports what it needs itself
+    t0 = time.monotonic()
+    state = standby_state_path(runs, os.getpid(), "loading")
+    try:
+        _touch(state)  # for ProcessPool.take: a standby that is further along is handed the job
+        for kind in jobs.kind_names():
+            jobs.get_kind(kind)  # the kinds' own modules (a light standby imports only its job's)
+        steps = list(PRELOAD)
+        if cuda:
+            # QUEUE.standby_cuda_init: the context (its VRAM) is made by the first allocation;
+            # held while this standby waits, beside the running job. Right after torch: the first
+            # step needs it, the harness does not.
+            at = next(i for i, (name, _) in enumerate(steps) if name == "the first optimizer")
+            steps.insert(at + 1, ("the CUDA context", _cuda_context))
+        for name, load in steps:
+            if stop.is_set():
+                _say(f"lab: standby pid {os.getpid()}: its job came {time.monotonic() - t0:.2f} s into "
+                     f"the preload, before {name}")
+                state.unlink(missing_ok=True)
+                return
+            load()
+        _say(f"lab: standby pid {os.getpid()} preloaded torch{' and a CUDA context' if cuda else ''} "
+             f"in {time.monotonic() - t0:.2f} s")
+        try:
+            if stop.is_set():  # handed a job meanwhile: the pool has forgotten this standby
+                state.unlink(missing_ok=True)
+            else:
+                state.rename(standby_state_path(runs, os.getpid(), "ready"))
+        except OSError:
+            pass
+    except Exception as e:
+        _say(f"lab: standby pid {os.getpid()}: preload failed ({type(e).__name__}: {_first_line(e)})")
+    finally:
+        if lock is not None:
+            lock.close()  # the next standby's turn (also when a job came half-way)
+
+
+def fresh_code(job_id: int, attempt: int, loaded: str, head: str) -> None:
+    """A standby that loaded an older commit than HEAD replaces itself with a fresh process for
+    the job (same pid: the supervisor watches on), so the job runs the code its files record."""
+    _say(f"lab: this standby loaded commit {loaded[:12]}, HEAD is now {head[:12]}; restarting as a "
+         "fresh process")
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os.execv(sys.executable, [sys.executable, "-m", "workers.run", str(job_id), str(attempt)])
+
+
 def main(argv: list[str]) -> int:
     q = config.queue_config()
     store = Store(config.paths().db, create=False)
+    loaded = ""  # the commit a standby's code is from
     if argv and argv[0] == "--standby":
-        if os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        # The commit the daemon saw before starting us, before any of our imports; checked now,
+        # once, against git, and the watch taken: a commit meanwhile makes this standby stale.
+        watch = HeadWatch()
+        loaded = os.environ.get(COMMIT_ENV) or watch.commit
+        stale = watch.commit != loaded
+        lane = "cpu" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else "gpu"
+        if lane == "gpu":
             # A GPU-lane standby names its card now (nvidia-smi takes tens of ms, seconds without
             # persistence mode), not while the lane waits; a CPU lane's has CUDA_VISIBLE_DEVICES=""
             # (workers.supervise.lane_env) and never takes the lock.
             gpu_lock.lock_path()
+        loader, stop = None, threading.Event()
+        if os.environ.get(PRELOAD_ENV) == "torch":
+            # A thread, so a light job handed over meanwhile need not wait for torch's import; a
+            # training job waits for the module in progress below (then imports the rest itself).
+            loader = threading.Thread(target=preload, args=(lane, q, stop), name="preload", daemon=True)
+            loader.start()
         got = standby(store)
         if got is None:
             return 0
         job_id, attempt = got
+        if stale or watch.moved():
+            head = git_commit()
+            if stale or head != loaded:
+                fresh_code(job_id, attempt, loaded, head)
+        job = store.get(job_id)
+        if loader is not None:
+            stop.set()
+            if job is not None and job["kind"] in TRAINING_KINDS:
+                loader.join()  # not two threads importing the same modules at once
     else:
         job_id, attempt = int(argv[0]), int(argv[1])
-    job = store.get(job_id)
+        job = store.get(job_id)
     if job is None or job["status"] != "running" or job["attempts"] != attempt:
         _say(f"lab: job {job_id} attempt {attempt} is not ours to run (status "
              f"{job and job['status']}); exiting")
@@ -300,7 +491,7 @@ def main(argv: list[str]) -> int:
         return 0
     keeper.started_at = time.time()
     _say(f"lab: job {job_id} ({job['kind']}, lane {job['lane']}) attempt {attempt} started, "
-         f"pid {os.getpid()}")
+         f"pid {os.getpid()}" + (f", code of commit {loaded} (loaded before the job came)" if loaded else ""))
     ctx = WorkerContext(store, job_id, attempt, run_dir, job["lane"])
     try:
         kind = jobs.get_kind(job["kind"])

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,12 @@ STOPPED_FILE = "stopped-itself.json"
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group; /proc where it exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # nobody left: the common case after a job, without reading all of /proc (ms)
+    except PermissionError:
+        pass
     proc = Path("/proc")
     if not proc.is_dir():
         try:
@@ -73,6 +82,39 @@ def kill_group(proc: subprocess.Popen, grace: float) -> None:
     proc.wait()
 
 
+class ExitWaiter:
+    """waiter(timeout) -> True once `proc` has exited (and is reaped), waking the moment it exits:
+    a pidfd on Linux. Popen.wait(timeout) polls with sleeps of up to 50 ms, and every ms of it
+    between a job's exit and the next job's start is dead time on the GPU lane."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.fd: int | None = None
+        try:
+            self.fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3 (Popen.wait then), or already reaped
+            pass
+
+    def __call__(self, timeout: float) -> bool:
+        if self.proc.returncode is not None:
+            return True
+        if self.fd is None:
+            try:
+                self.proc.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        readable, _, _ = select.select([self.fd], [], [], timeout)
+        if readable:
+            self.proc.wait()
+        return bool(readable)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def describe_exit(rc: int) -> str:
     if rc < 0:
         try:
@@ -99,46 +141,199 @@ def lane_env(lane: str, db: str, runs: Path, host: str) -> dict[str, str]:
     return env
 
 
+# Kinds whose `run` trains or evaluates a model (imports torch, models/ and harness/): a standby
+# for a lane that runs them imports all that ahead of time (workers.run.preload). The others
+# (sleep, tokenize, archive) get a light standby, which starts in a tenth of the time and does
+# not load the CPUs while short jobs follow each other.
+TRAINING_KINDS = frozenset({"smoke", "train", "eval", "ablation"})
+# Env of a standby: the commit whose code it loads (it re-executes itself if HEAD moved before
+# its job came: workers.run.main), and whether to preload torch ("torch") or not ("light").
+COMMIT_ENV, PRELOAD_ENV = "LAB_STANDBY_COMMIT", "LAB_STANDBY_PRELOAD"
+
+
+class HeadWatch:
+    """The commit checked out now, and later: has HEAD moved since? Asking git (common.git_commit)
+    costs 10-20 ms of a job's start on 2 cores, so the standby asks the files instead: HEAD, the
+    branch's ref, packed-refs and a reftable's table list. git rewrites each by a rename, so a
+    commit (or a checkout) changes the inode, mtime or size of one of them; only then is git
+    asked. Where git cannot name those files (no git, an odd layout), git is asked every time.
+    One git call names the files and the commit; they are stamped right after it (a commit
+    landing in those microseconds is the one case missed)."""
+
+    def __init__(self) -> None:
+        here = Path(__file__).resolve().parent  # the checkout this code runs from, as git_commit
+        self.paths: list[Path] | None = None
+        self.commit = "unknown"
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "--git-common-dir", "--git-path", "HEAD", "--git-path", "packed-refs",
+                 "--git-path", "reftable/tables.list", "HEAD", "--symbolic-full-name", "HEAD"],
+                cwd=here, capture_output=True, text=True, timeout=10)
+            lines = out.stdout.splitlines()
+            if out.returncode == 0 and len(lines) == 6:
+                common, head, packed, tables, self.commit, ref = lines
+                self.paths = [here / head, here / packed, here / tables]
+                if ref != "HEAD":  # on a branch (detached: HEAD holds the commit itself)
+                    self.paths.append(here / common / ref)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        self.stamp = self._stamp(self.paths)
+
+    @staticmethod
+    def _stamp(paths: list[Path] | None) -> tuple[tuple[int, int, int] | None, ...] | None:
+        if paths is None:
+            return None
+        out = []
+        for path in paths:
+            try:
+                st = path.stat()
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)  # absent (a ref only in packed-refs): appearing is a change too
+        return tuple(out)
+
+    def moved(self) -> bool:
+        return self.stamp is None or self._stamp(self.paths) != self.stamp
+
+
+class Head:
+    """HEAD's commit for the pool, asking git only when HeadWatch says it moved (the scheduler
+    asks every heartbeat)."""
+
+    def __init__(self) -> None:
+        self.watch = HeadWatch()
+
+    def __call__(self) -> str:
+        if self.watch.moved():
+            self.watch = HeadWatch()
+        return self.watch.commit
+
+
+def standby_state_path(runs: Path, pid: int, state: str) -> Path:
+    """`runs/standby-<pid>.loading` while a standby preloads, `.ready` once it has: the pool
+    hands a training job to the one furthest along."""
+    return runs / f"standby-{pid}.{state}"
+
+
+@dataclass
+class Standby:
+    proc: subprocess.Popen
+    commit: str  # HEAD when it was started, before it imported anything
+    heavy: bool  # preloads torch and the training modules
+
+
 class ProcessPool:
     """Job processes started ahead of time (`workers.run --standby`), per lane: when a job comes,
     python and the imports are already loaded, which is most of the GPU lane's dead time between
-    two jobs. A standby holds no lock and no job; it exits when its stdin closes (also when the
-    daemon dies)."""
+    two jobs, and for a training job also torch, the models and the sample data (most of the
+    card's idle time between two jobs). A standby holds no lock and no job; it exits when its
+    stdin closes (also when the daemon dies).
 
-    def __init__(self, db: str, runs: Path, host: str):
+    A standby's code is that of the commit it was started at: `warm` retires those whose commit
+    is no longer HEAD (the scheduler calls it every heartbeat), and one handed a job after a
+    commit re-executes itself before it starts, so a job never runs old code while its files
+    record the new commit. `head` is a parameter so a test can move HEAD without a git commit."""
+
+    def __init__(self, db: str, runs: Path, host: str, head: Callable[[], str] | None = None):
         self.db, self.runs, self.host = db, runs, host
-        self._ready: dict[str, list[subprocess.Popen]] = {}
+        self.head = head if head is not None else Head()
+        self._ready: dict[str, list[Standby]] = {}
+        self._retired: list[subprocess.Popen] = []  # stdin closed, not yet reaped
+        # The kinds of the lane's last jobs (or of its first queued one at start): whether its
+        # next standbys preload torch.
+        self._recent: dict[str, deque[str]] = {}
         self._lock = threading.Lock()
         self.closed = False
 
-    def _spawn(self, lane: str) -> subprocess.Popen:
+    def _spawn(self, lane: str, commit: str) -> Standby:
+        heavy = self.wants_torch(lane)
+        env = lane_env(lane, self.db, self.runs, self.host)
+        env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if heavy else "light"
         with open(self.runs / "workers.log", "ab") as log:  # start-up errors before a job is assigned
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.run", "--standby"], stdin=subprocess.PIPE, stdout=log,
-                stderr=subprocess.STDOUT, env=lane_env(lane, self.db, self.runs, self.host),
-                start_new_session=True)
+                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return Standby(proc, commit, heavy)
 
     @staticmethod
     def size(lane: str) -> int:
         q = config.queue_config()
         return q.standby_gpu if lane == "gpu" else q.standby_cpu
 
-    def warm(self, lane: str) -> None:
+    def expect(self, lane: str, kind: str) -> None:
+        """The lane is about to run `kind` (the daemon's first queued job at start)."""
         with self._lock:
+            self._recent.setdefault(lane, deque(maxlen=self.size(lane) + 1)).append(kind)
+
+    def wants_torch(self, lane: str) -> bool:
+        # Unknown (nothing ran or waits yet): light; the first training job after an idle start
+        # is then cold, every one that follows it is not.
+        if not config.queue_config().standby_preload:
+            return False
+        return any(k in TRAINING_KINDS for k in self._recent.get(lane, ()))
+
+    def _progress(self, standby: Standby) -> int:
+        for rank, state in ((2, "ready"), (1, "loading")):
+            if standby_state_path(self.runs, standby.proc.pid, state).exists():
+                return rank
+        return 0
+
+    def _forget(self, pid: int) -> None:
+        for state in ("ready", "loading"):
+            standby_state_path(self.runs, pid, state).unlink(missing_ok=True)
+
+    def _retire(self, standby: Standby) -> None:
+        self._forget(standby.proc.pid)
+        try:
+            if standby.proc.stdin is not None:
+                standby.proc.stdin.close()  # "not needed after all": it exits by itself
+        except OSError:
+            pass
+        self._retired.append(standby.proc)
+
+    def warm(self, lane: str) -> None:
+        """Top the lane up to its size, first retiring standbys of an older commit and, when the
+        lane now trains, light ones (they would import torch only once handed a job)."""
+        head = self.head()  # a git subprocess: outside the lock, and never on a job's start path
+        with self._lock:
+            self._retired = [p for p in self._retired if p.poll() is None]
             ready = self._ready.setdefault(lane, [])
-            ready[:] = [p for p in ready if p.poll() is None]
+            heavy = self.wants_torch(lane)
+            keep = []
+            for s in ready:
+                if s.proc.poll() is not None:
+                    continue
+                if s.commit != head or (heavy and not s.heavy):
+                    self._retire(s)
+                else:
+                    keep.append(s)
+            ready[:] = keep
             while not self.closed and len(ready) < self.size(lane):
-                ready.append(self._spawn(lane))
+                ready.append(self._spawn(lane, head))
 
     def take(self, job: dict[str, Any], log_path: Path) -> subprocess.Popen:
-        """A process running `job`: the oldest standby if one is alive, else a fresh one."""
+        """A process running `job`: the oldest standby that preloaded what the job needs if one
+        is alive, else the oldest, else a fresh one. The caller tops the pool up (`warm`) once
+        the job is under way: a new python starting now would take CPU from this job's start."""
+        heavy = job["kind"] in TRAINING_KINDS
         with self._lock:
-            ready = self._ready.get(job["lane"], [])
-            proc = ready.pop(0) if ready else None
+            self._recent.setdefault(job["lane"], deque(maxlen=self.size(job["lane"]) + 1)).append(job["kind"])
+            ready = [s for s in self._ready.get(job["lane"], []) if s.proc.poll() is None]
+            pick = None
+            if heavy:  # preloaded, then preloading, then waiting for a preload slot; oldest first
+                fit = [s for s in ready if s.heavy]
+                pick = max(fit, key=self._progress, default=None)
+            if pick is None and ready:
+                pick = ready[0]
+            if pick is not None:
+                ready.remove(pick)
+                self._forget(pick.proc.pid)
+            self._ready[job["lane"]] = ready
+        proc = pick.proc if pick is not None else None
         line = f"{job['id']} {job['attempts']} {log_path}\n".encode()
         for _ in range(2):
             if proc is None or proc.poll() is not None:
-                proc = self._spawn(job["lane"])
+                proc = self._spawn(job["lane"], self.head()).proc  # rare: none alive, or it died
             try:
                 assert proc.stdin is not None
                 proc.stdin.write(line)
@@ -146,22 +341,39 @@ class ProcessPool:
                 break
             except (BrokenPipeError, OSError):
                 proc = None
-        self.warm(job["lane"])  # the next job's process starts while this one runs
         assert proc is not None
         return proc
+
+    def refill(self, lane: str) -> None:
+        """`warm` a little later, in a thread of its own: after a hand-over, once the job's start
+        (store read, GPU lock, mark started) is past, so a new python's start-up takes no CPU
+        from it; the supervisor's thread goes back to watching at once."""
+        delay = config.queue_config().handover_seconds
+        timer = threading.Timer(delay, self._refill, args=(lane,))
+        timer.daemon = True
+        timer.start()
+
+    def _refill(self, lane: str) -> None:
+        try:
+            self.warm(lane)
+        except Exception as e:  # no process now (EAGAIN): the next take starts a fresh one
+            print(f"lab: could not start a standby for lane {lane}: {e}", file=sys.stderr)
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            procs = [p for ready in self._ready.values() for p in ready]
-            self._ready = {}
+            procs = [s.proc for ready in self._ready.values() for s in ready] + self._retired
+            self._ready, self._retired = {}, []
+        for proc in procs:
+            self._forget(proc.pid)
         for proc in procs:
             try:
-                if proc.stdin is not None:
+                if proc.stdin is not None and not proc.stdin.closed:
                     proc.stdin.close()
                 proc.wait(5)
             except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
+                proc.wait()
 
 
 def _note(run_dir: Path, message: str) -> None:
@@ -209,6 +421,58 @@ def _open_log(run_dir: Path, line: str) -> None:
         os.close(fd)
 
 
+def _watch(store: Store, job: dict[str, Any], proc: subprocess.Popen, ended: ExitWaiter,
+           q: config.QueueConfig, stop_deadline: Callable[[], float | None]) -> tuple[str, str] | None:
+    """Watch the attempt until its process exits: renew the lease, and stop its group on a
+    cancel, a timeout, a lost lease or a shutdown past the deadline; returns (status, reason)
+    when it stopped it, None when the process ended by itself."""
+    job_id, attempt = job["id"], job["attempts"]
+    run_dir = Path(job["run_dir"])
+    ended_by: tuple[str, str] | None = None  # (status, reason) when we stopped it
+    t0 = time.monotonic()
+    # The claim renewed the lease a moment ago; the first look at the row (and the pid's write,
+    # unless the job's mark_started wrote it) waits out the hand-over (QUEUE.handover_seconds).
+    next_beat, next_check = t0 + q.heartbeat_seconds, t0 + q.handover_seconds
+    pid_known = False
+    db_down = False
+    while not ended(0.05):
+        t = time.monotonic()
+        try:
+            if t >= next_beat:
+                next_beat = t + q.heartbeat_seconds
+                store.heartbeat(job_id, attempt, q.lease_seconds)
+            if t < next_check:
+                continue
+            next_check = t + min(0.5, q.heartbeat_seconds)
+            row = store.get(job_id)
+            if not pid_known and row is not None and row["attempts"] == attempt:
+                # Known while the job waits for the GPU lock (lab show, a person's kill -9).
+                pid_known = row["pid"] == proc.pid or store.set_pid(job_id, attempt, proc.pid)
+        except Exception as e:  # a database blip: keep watching (the job's own watchdog fences it)
+            if not db_down:
+                _note(run_dir, f"lab: supervisor cannot reach the database ({type(e).__name__}); watching on")
+            db_down = True
+            continue
+        db_down = False
+        if row is None or row["status"] != "running" or row["attempts"] != attempt:
+            if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
+                continue  # the job recorded its end and is exiting: wait for it
+            ended_by = ("lost", "the job was requeued or removed by someone else")
+        elif row["cancel_requested"]:
+            ended_by = ("cancelled", f"cancelled: {row['cancel_reason'] or 'by request'}")
+        elif row["started_at"] is not None and time.time() - row["started_at"] > row["timeout_s"]:
+            ended_by = ("failed", f"timed out after {row['timeout_s']:g} s")
+        else:
+            deadline = stop_deadline()
+            if deadline is not None and t > deadline:
+                ended_by = ("requeued", "daemon shut down before the job finished")
+        if ended_by is not None:
+            _note(run_dir, f"lab: {ended_by[1]}; stopping the process group")
+            kill_group(proc, q.kill_grace_seconds)
+            return ended_by
+    return None
+
+
 def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str,
             stop_deadline: Callable[[], float | None], pool: ProcessPool | None = None) -> str:
     """Run one claimed attempt to its end; returns what became of it: succeeded, failed,
@@ -242,47 +506,13 @@ def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str
                     env=job_env(job, db, runs, host), start_new_session=True)
     except OSError as e:  # no process (EAGAIN, ENOMEM), or the log went away meanwhile
         return could_not_start(store, job, f"cannot start the job process: {e.strerror or e}")
-    store.set_pid(job_id, attempt, proc.pid)
-    ended_by: tuple[str, str] | None = None  # (status, reason) when we stopped it
-    next_beat = next_check = time.monotonic()
-    db_down = False
-    while True:
-        try:
-            proc.wait(timeout=0.05)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        t = time.monotonic()
-        try:
-            if t >= next_beat:
-                next_beat = t + q.heartbeat_seconds
-                store.heartbeat(job_id, attempt, q.lease_seconds)
-            if t < next_check:
-                continue
-            next_check = t + min(0.5, q.heartbeat_seconds)
-            row = store.get(job_id)
-        except Exception as e:  # a database blip: keep watching (the job's own watchdog fences it)
-            if not db_down:
-                _note(run_dir, f"lab: supervisor cannot reach the database ({type(e).__name__}); watching on")
-            db_down = True
-            continue
-        db_down = False
-        if row is None or row["status"] != "running" or row["attempts"] != attempt:
-            if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
-                continue  # the job recorded its end and is exiting: wait for it
-            ended_by = ("lost", "the job was requeued or removed by someone else")
-        elif row["cancel_requested"]:
-            ended_by = ("cancelled", f"cancelled: {row['cancel_reason'] or 'by request'}")
-        elif row["started_at"] is not None and time.time() - row["started_at"] > row["timeout_s"]:
-            ended_by = ("failed", f"timed out after {row['timeout_s']:g} s")
-        else:
-            deadline = stop_deadline()
-            if deadline is not None and t > deadline:
-                ended_by = ("requeued", "daemon shut down before the job finished")
-        if ended_by is not None:
-            _note(run_dir, f"lab: {ended_by[1]}; stopping the process group")
-            kill_group(proc, q.kill_grace_seconds)
-            break
+    if pool is not None:
+        pool.refill(job["lane"])
+    ended = ExitWaiter(proc)
+    try:
+        ended_by = _watch(store, job, proc, ended, q, stop_deadline)
+    finally:
+        ended.close()
     rc = proc.returncode
     leftovers = group_members(proc.pid)
     if leftovers:  # a child that outlived the job process: no job leaves processes behind

@@ -10,26 +10,20 @@ baseline reads the same texts in chunks of the same size and times only
 the streaming, writing and hashing cost nothing beside the encoding. Nothing is ever held
 whole, so --mb 2000 (or more) runs in the memory of a few chunks; peak RSS is printed.
 
-    .venv/bin/python bench/tokenize.py                   # 200 MB of .txt (~1 min on 2 cores)
-    .venv/bin/python bench/tokenize.py --mb 2000 --format jsonl
-    .venv/bin/python bench/tokenize.py --src data/books/a.txt data/books/b.txt
+    .venv/bin/python bench/tokenize_speed.py                   # 200 MB of .txt (~1 min on 2 cores)
+    .venv/bin/python bench/tokenize_speed.py --mb 2000 --format jsonl
+    .venv/bin/python bench/tokenize_speed.py --src data/books/a.txt data/books/b.txt
 
 Last line: `tokenize: 1.23e6 tokens/s (tiktoken batch 1.50e6 tokens/s, ratio 0.82) on 200 MB`.
 """
 
 from __future__ import annotations
 
-import sys
-
-# This file has the name of the standard library's `tokenize`, which linecache and inspect
-# import (torch does, at import): with bench/ first on sys.path they would get this script.
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0].rstrip("/") + "/"):
-    sys.path.pop(0)
-
 import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
