@@ -23,16 +23,18 @@ def _compile_works() -> str | None:
 
 
 def _losses(compile_: bool, arch: str, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
-    # One depth, so the compiled run compiles one graph (each new depth is a recompile, ~7 s here).
-    cfg = config.preset("tiny", arch, block_size=32, batch_size=4, d_model=32, warmup_steps=0,
-                        depth_min=2, depth_max=2, depth_eval=2, n_layers=2, compile=compile_)
+    # One depth of one pass, so the compiled run compiles one small graph (each new depth is a
+    # recompile): the loop, the gate and the time signal still go through the compiler.
+    cfg = config.preset("tiny", arch, block_size=16, batch_size=2, d_model=16, n_heads=2, warmup_steps=0,
+                        depth_min=1, depth_max=1, depth_eval=1, backprop_steps=1, n_layers=1,
+                        compile=compile_)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     step = TrainStep(model, cfg, "cpu")
     rng = np.random.default_rng(0)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(rng.integers(0, cfg.model.vocab_size, (4, 33)))
+        x = torch.from_numpy(rng.integers(0, cfg.model.vocab_size, (2, 17)))
         return x[:, :-1], x[:, 1:]
 
     losses = [step(batch, i)[0] for i in range(steps)]
