@@ -44,6 +44,17 @@ GPU_DEVICE = Path("/dev/nvidia0")
 GPU_FALLBACK_GROUP = "video"  # the group many distributions give GPU device nodes
 
 
+def _unit_head(description: str, after: str, user: str | None, group: str | None) -> list[str]:
+    """[Unit] and the start of [Service], the same for the daemon's unit and the agent's."""
+    lines = ["[Unit]", f"Description={description}", "Wants=network-online.target", f"After={after}",
+             "StartLimitIntervalSec=600", "StartLimitBurst=10", "", "[Service]", "Type=simple"]
+    if user:
+        lines.append(f"User={user}")
+    if group:
+        lines.append(f"Group={group}")
+    return lines
+
+
 def default_lab_bin() -> Path:
     """The `lab` next to the running interpreter (the venv's), else the one on PATH."""
     here = Path(sys.executable).parent / "lab"
@@ -129,20 +140,9 @@ def unit_text(workdir: str | Path | None = None, lab_bin: str | Path | None = No
     lines = [
         "# reasoning-lab queue daemon. Install: see README, \"Running as a service\";",
         "# as a user of its own: docs/SECURITY.md.",
-        "[Unit]",
-        "Description=reasoning-lab queue daemon (GPU and CPU lanes, GitHub bridge)",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "StartLimitIntervalSec=600",
-        "StartLimitBurst=10",
-        "",
-        "[Service]",
-        "Type=simple",
+        *_unit_head("reasoning-lab queue daemon (GPU and CPU lanes, GitHub bridge)",
+                    "network-online.target", user, group),
     ]
-    if user:
-        lines.append(f"User={user}")
-    if group:
-        lines.append(f"Group={group}")
     if gpu_group:
         lines.append(f"SupplementaryGroups={gpu_group}")
     lines.append(f"WorkingDirectory={workdir}")
@@ -297,20 +297,9 @@ def agent_unit_text(workdir: str | Path | None = None, user: str | None = None,
         "# To stop it for good: touch $LAB_RUNS/agent/STOP (default runs/agent/STOP here); it exits 0",
         "# before its next turn, and again at every start until the file is removed.",
         "# Each turn is one line of $LAB_RUNS/agent/turns.jsonl.",
-        "[Unit]",
-        "Description=reasoning-lab agent loop (Claude Code, one turn at a time)",
-        "Wants=network-online.target",
-        f"After=network-online.target {UNIT_NAME}",
-        "StartLimitIntervalSec=600",
-        "StartLimitBurst=10",
-        "",
-        "[Service]",
-        "Type=simple",
+        *_unit_head("reasoning-lab agent loop (Claude Code, one turn at a time)",
+                    f"network-online.target {UNIT_NAME}", user, group),
     ]
-    if user:
-        lines.append(f"User={user}")
-    if group:
-        lines.append(f"Group={group}")
     lines += [
         f"WorkingDirectory={workdir}",
         "# LAB_DB, LAB_RUNS (the daemon's), ANTHROPIC_API_KEY when claude is not logged in ... one",
