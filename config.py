@@ -621,6 +621,10 @@ class AblationConfig(Validated):
     # heavier load); at 20 steps pool 1.02 min, grouped 1.33. Small matrices do not split well over
     # threads: the pool's floor is half the group's, so the pool stays.
     batched_cpu: bool = False
+    # Within a group, seeds (and arms) of one config train as one stacked model: their parameters
+    # stacked under torch.func.vmap, one forward and backward for all (harness/batched.py). The
+    # same results as apart within float tolerance (tests/test_batched.py). False: one after another.
+    stack_seeds: bool = True
 
 
 ABLATION = AblationConfig()

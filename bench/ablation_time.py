@@ -1,16 +1,20 @@
 """Minutes for an ablation, by default harness/specs/khop_default.toml (refiner-k4 vs flat-2
-vs flat-1 on khop, 3 seeds). Target: <= 10 minutes on 2 CPU cores. The ablation runs twice on
-this machine's lane: in the process pool (`parallel_seeds` processes of one torch thread, each
-(arm, seed) a Work of its own) and grouped (every Work in one process, one step of each in turn:
-harness/batched.py, the GPU lane's path), and the per-seed results of the two are compared.
-Prints each run's arms and verdict, the CPU time of training (a figure that other load on the
-cores does not inflate), and on its last line the minutes of both and the speed-up of the
-grouped path. `--spec FILE` times another spec (e.g. harness/specs/chase_depth.toml); `--only
-pool|batched` runs one path; extra arguments are `key=value` overrides of the spec (seeds=5).
+vs flat-1 on khop, 3 seeds). Target: <= 10 minutes on 2 CPU cores. The ablation runs three
+times on this machine's lane:
+- pool: the process pool (`parallel_seeds` processes of one torch thread, each (arm, seed) a
+  Work of its own), the CPU lane's path;
+- stacked: every Work in one process, each arm's seeds stacked under vmap (harness/batched.py),
+  the GPU lane's path;
+- grouped: every Work in one process, one step of each in turn (ABLATION.stack_seeds off).
+The per-seed results of each are compared with the pool's. Prints each run's arms and verdict,
+the CPU time of training (a figure that other load on the cores does not inflate), and on its
+last line the minutes of each and the speed-up of the stacked path over the pool. `--spec
+FILE` times another spec (e.g. harness/specs/chase_depth.toml); `--only pool|stacked|grouped`
+runs one path; extra arguments are `key=value` overrides of the spec (seeds=5).
 
     .venv/bin/python bench/ablation_time.py
     .venv/bin/python bench/ablation_time.py --spec harness/specs/chase_depth.toml
-    .venv/bin/python bench/ablation_time.py steps=60 --only batched
+    .venv/bin/python bench/ablation_time.py steps=60 --only stacked
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import config  # noqa: E402
 from harness.ablate import AblationSpec, load_spec_file, new_run_dir, parse_spec, run_ablation  # noqa: E402
 from jobs.context import LocalContext  # noqa: E402
 
-PATHS = ("pool", "batched")
+PATHS = ("pool", "stacked", "grouped")
 
 
 def timed(spec: AblationSpec, path: str) -> tuple[float, dict[str, Any]]:
-    """(minutes, summary) of the ablation on the CPU lane, by the process pool or grouped."""
+    """(minutes, summary) of the ablation on the CPU lane, by the process pool, stacked or grouped."""
     before = config.ABLATION
-    config.ABLATION = dataclasses.replace(before, batched_cpu=path == "batched")  # what _run_all reads
+    config.ABLATION = dataclasses.replace(before, batched_cpu=path != "pool",  # what _run_all reads
+                                          stack_seeds=path == "stacked")
     try:
         started = time.monotonic()
         summary = run_ablation(spec, LocalContext(new_run_dir(f"ablation-time-{path}")))
@@ -58,13 +63,13 @@ def show(path: str, minutes: float, summary: dict[str, Any]) -> None:
           f"CPU-bound floor {cpu / 120:.2f})")
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """How far apart the two runs' per-seed results are: final losses, primary values."""
+def compare(a: dict[str, Any], b: dict[str, Any], name: str) -> str:
+    """How far apart two runs' per-seed results are: final losses, primary values."""
     loss = max(abs(x - y) for p, q in zip(a["arms"], b["arms"], strict=True)
                for x, y in zip(p["final_loss"], q["final_loss"], strict=True))
     primary = max(abs(x - y) for p, q in zip(a["arms"], b["arms"], strict=True)
                   for x, y in zip(p["per_seed"], q["per_seed"], strict=True))
-    return (f"per-seed results, pool vs batched: final loss max |diff| {loss:.2e}, "
+    return (f"per-seed results, pool vs {name}: final loss max |diff| {loss:.2e}, "
             f"primary cell max |diff| {primary:.3f}")
 
 
@@ -92,10 +97,15 @@ def main() -> int:
         (p, (minutes, _)), = runs.items()
         print(f"ablation: {minutes:.2f} min ({p})")
         return 0
-    print(compare(runs["pool"][1], runs["batched"][1]))
-    (pool, _), (batched, _) = runs["pool"], runs["batched"]
-    print(f"ablation: {batched:.2f} min (batched), per-process {pool:.2f} min, "
-          f"speed-up {pool / batched:.2f}x")
+    if "pool" not in runs:
+        print("ablation: " + ", ".join(f"{p} {m:.2f} min" for p, (m, _) in runs.items()))
+        return 0
+    for p in runs:
+        if p != "pool":
+            print(compare(runs["pool"][1], runs[p][1], p))
+    pool = runs["pool"][0]
+    others = [f"{p} {m:.2f} min ({pool / m:.2f}x)" for p, (m, _) in runs.items() if p != "pool"]
+    print(f"ablation: per-process {pool:.2f} min; " + ", ".join(others) + " (speed-up over the pool)")
     return 0
 
 

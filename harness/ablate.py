@@ -422,9 +422,10 @@ def _log_done(ctx: Any, w: Any, r: Any) -> None:
 
 
 def _run_grouped(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
-    """Every (arm, seed) in this process, one step of each in turn (harness/batched.py): the
-    same results as the process pool, one CUDA context on the GPU lane."""
-    from harness.batched import group_threads, train_group
+    """Every (arm, seed) in this process (harness/batched.py: the seeds of one config stacked
+    under vmap, the rest one step of each in turn): the same results as the process pool within
+    float tolerance, one CUDA context on the GPU lane."""
+    from harness.batched import group_threads, stacks, train_group
 
     done_steps: dict[tuple[int, int], int] = {}
     totals = {(w.arm_index, w.seed): 0 if w.cfg.train.max_seconds else w.cfg.train.max_steps for w in items}
@@ -440,8 +441,9 @@ def _run_grouped(items: list[Any], spec: AblationSpec, ctx: Any) -> list[Any]:
 
     # the pool's core budget: parallel_seeds processes of one thread, or one group of that many
     threads = group_threads(items[0].device, config.ABLATION.parallel_seeds)
+    stacked = ", ".join(f"{items[u[0]].arm_name} x{len(u)}" for u in stacks(items) if len(u) > 1)
     ctx.log(f"grouped: {len(items)} (arm, seed) runs in one process on {items[0].device}, "
-            f"{threads} torch threads")
+            f"{threads} torch threads; stacked under vmap: {stacked or 'none'}")
     results = train_group(items, report, on_done=lambda w, r: _log_done(ctx, w, r), threads=threads)
     steps = sum(r.steps for r in results)
     ctx.progress(steps, steps, arms=len({w.arm_index for w in items}), seeds=spec.seeds)

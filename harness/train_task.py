@@ -221,11 +221,18 @@ class ArmRun:
         `report` every log interval. Returns (raw loss, lr)."""
         from models.step import TrainingDiverged
 
-        work, tcfg = self.work, self.work.cfg.train
         try:
             value, lr = self.step_fn(self.next_batch, self.step, elapsed)
         except TrainingDiverged as e:
-            raise TrainingDiverged(f"{work.arm_name} seed {work.seed}: {e}") from None
+            raise TrainingDiverged(f"{self.work.arm_name} seed {self.work.seed}: {e}") from None
+        self.record(value, elapsed, report)
+        return value, lr
+
+    def record(self, value: float, elapsed: float, report: Callable[[int, int, float], None] | None = None
+               ) -> None:
+        """The bookkeeping of a step taken (by advance, or by harness/batched.py for stacked
+        seeds): the step count, the smoothed loss, the curve and `report` every log interval."""
+        tcfg = self.work.cfg.train
         self.step += 1
         self.smooth = value if math.isnan(self.smooth) else 0.95 * self.smooth + 0.05 * value
         if self.step % tcfg.log_interval == 0:
@@ -236,7 +243,6 @@ class ArmRun:
                 else:
                     est_total = tcfg.max_steps
                 report(self.step, est_total, self.smooth)
-        return value, lr
 
     def eval_loss(self, batch: Batch, chunk: int = 0) -> float:
         """The mean loss of the batch's rows at the arm's own depth, in chunks of a training

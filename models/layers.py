@@ -3,8 +3,12 @@ a SwiGLU MLP, a pre-norm Block, and a chunked cross-entropy. Read top to bottom.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,22 +17,53 @@ from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
 
+# torch.func's transforms refuse torch.utils.checkpoint (its saved-tensor hooks), so code that
+# trains under vmap(grad) (harness/batched.py) keeps the activations instead: the same values,
+# more memory.
+_keep_activations = contextvars.ContextVar("keep_activations", default=False)
+
+
+@contextlib.contextmanager
+def keep_activations() -> Iterator[None]:
+    """Within: no activation checkpointing (Block, chunked_cross_entropy), whatever the config."""
+    token = _keep_activations.set(True)
+    try:
+        yield
+    finally:
+        _keep_activations.reset(token)
+
+
+def _checkpointed(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    if _keep_activations.get():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
 
 class _RMSNormFunction(torch.autograd.Function):
     """y = x / rms(x) * weight, computed in fp32, output in x's dtype. Autograd on the plain
     formula would save two fp32 copies of x per call (four calls per block); this saves only
-    x itself (usually alive anyway) and one 1/rms per row, and recomputes the rest in backward."""
+    x itself (usually alive anyway) and one 1/rms per row, and recomputes the rest in backward.
+    forward and setup_context are apart, and the vmap rule generated, so that torch.func
+    transforms (harness/batched.py: seeds stacked under vmap) can run it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp16 -> fp32; fp64 (gradcheck) stays
         xf = x.to(dtype)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(dtype)).to(x.dtype)
+        return (xf * rstd * weight.to(dtype)).to(x.dtype), rstd
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _rstd: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, None]:
         x, weight, rstd = ctx.saved_tensors
         x_hat = x.to(rstd.dtype) * rstd
         g = grad_out.to(rstd.dtype)
@@ -48,7 +83,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)[0]
 
 
 class Rotary(nn.Module):
@@ -149,8 +184,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
         if self.checkpointed and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, cache, use_reentrant=False)
+            return _checkpointed(self._forward, x, rope, cache)
         return self._forward(x, rope, cache)
+
+
+@dataclass
+class Draws:
+    """The random choices of one forward, drawn up front from torch's global RNG in this order:
+    the depth K, then (the refiner's) time offset and initial state's noise. Apart from the
+    forward so that harness/batched.py can draw each stacked seed's from that seed's own stream
+    (random ops do not run under vmap); there `offset` is a 0-dim tensor and `noise` one seed's
+    slice."""
+
+    depth: int
+    offset: int | torch.Tensor = 0
+    noise: torch.Tensor | None = None  # (B, T, C), already scaled by state_noise_std
 
 
 def init_weights(module: nn.Module, std: float, n_residual_layers: int) -> None:
@@ -182,7 +230,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     for start in range(0, h.size(0), chunk_tokens):
         sl = slice(start, start + chunk_tokens)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h[sl], weight, targets[sl], use_reentrant=False)
+            total = total + _checkpointed(_chunk_loss, h[sl], weight, targets[sl])
         else:
             total = total + _chunk_loss(h[sl], weight, targets[sl])
     return total / count

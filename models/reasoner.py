@@ -14,7 +14,16 @@ import torch.nn as nn
 
 from config import ConfigError, ModelConfig
 from models.generate import Generator
-from models.layers import Block, KVCache, RMSNorm, Rotary, chunked_cross_entropy, init_weights, sample_depth
+from models.layers import (
+    Block,
+    Draws,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    chunked_cross_entropy,
+    init_weights,
+    sample_depth,
+)
 
 
 class Reasoner(Generator, nn.Module):
@@ -40,11 +49,15 @@ class Reasoner(Generator, nn.Module):
             return sample_depth(c.depth_min, c.depth_max, c.depth_eval, c.depth_dist, None)
         return self.cfg.depth_eval
 
+    def draw(self, idx: torch.Tensor, n_steps: int | None = None) -> Draws:
+        """This forward's random choice: its depth."""
+        return Draws(self.pick_depth(n_steps))
+
     def hidden(self, idx: torch.Tensor, n_steps: int | None = None,
                caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final normed state (B, T, C) after the first `depth` blocks."""
         x = self.wte(idx)  # (B, T, C)
-        for i in range(self.pick_depth(n_steps)):
+        for i in range(self.draw(idx, n_steps).depth):
             x = self.blocks[i](x, self.rope, caches[i] if caches else None)
         return self.norm_f(x)
 
@@ -54,7 +67,10 @@ class Reasoner(Generator, nn.Module):
         h = self.hidden(idx, n_steps)
         if targets is None:
             return h @ self.lm_weight().t(), None
-        return None, chunked_cross_entropy(h, self.lm_weight(), targets, self.cfg.loss_chunk_tokens)
+        return None, self.loss(h, targets)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(h, self.lm_weight(), targets, self.cfg.loss_chunk_tokens)
 
     def n_cache_layers(self, n_steps: int) -> int:
         return n_steps

@@ -56,6 +56,7 @@ from config import ConfigError, ModelConfig
 from models.generate import Generator
 from models.layers import (
     Block,
+    Draws,
     KVCache,
     RMSNorm,
     Rotary,
@@ -65,12 +66,13 @@ from models.layers import (
 )
 
 
-def time_codes(n: int, dim: int, device: torch.device, start: int = 0) -> torch.Tensor:
+def time_codes(n: int, dim: int, device: torch.device, start: int | torch.Tensor = 0) -> torch.Tensor:
     """Fixed sinusoidal codes of the pass indices start .. start+n-1, (n, dim). Defined for any
-    index, so depths beyond those seen in training still get a distinct signal."""
+    index, so depths beyond those seen in training still get a distinct signal. `start` may be a
+    0-dim tensor (one offset per stacked seed under vmap)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device) / half)
-    steps = torch.arange(start, start + n, device=device, dtype=torch.float32)
+    steps = start + torch.arange(n, device=device, dtype=torch.float32)
     angles = steps[:, None] * freqs  # (n, half)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
@@ -124,7 +126,20 @@ class CausalRefiner(Generator, nn.Module):
             return sample_depth(c.depth_min, c.depth_max, c.depth_eval, c.depth_dist, None)
         return self.cfg.depth_eval
 
-    def pass_times(self, K: int, device: torch.device) -> torch.Tensor | None:
+    def draw(self, idx: torch.Tensor, n_steps: int | None = None) -> Draws:
+        """This forward's random choices (see Draws) for the tokens idx (B, T)."""
+        K = self.pick_depth(n_steps)
+        offset = 0
+        if self.cfg.time_signal == "random_offset" and self.training:
+            # one offset for the whole forward: the passes still count up 1 by 1 from it
+            offset = int(torch.randint(0, self.cfg.time_offset_max + 1, (1,)).item())
+        noise = None
+        if self.cfg.init_state == "noise":
+            shape, std = (*idx.shape, self.cfg.d_model), self.cfg.state_noise_std
+            noise = torch.randn(shape, device=idx.device, dtype=self.wte.weight.dtype) * std
+        return Draws(K, offset, noise)
+
+    def pass_times(self, K: int, device: torch.device, offset: int | torch.Tensor = 0) -> torch.Tensor | None:
         """The time signals of passes 0 .. K-1, (K, C), computed once per forward; None for
         time_signal="none"."""
         signal = self.cfg.time_signal
@@ -134,17 +149,11 @@ class CausalRefiner(Generator, nn.Module):
             assert self.time_emb is not None
             steps = torch.arange(K, device=device).clamp(max=self.cfg.depth_max - 1)
             return self.time_emb(steps)
-        offset = 0
-        if signal == "random_offset" and self.training:
-            # one offset for the whole forward: the passes still count up 1 by 1 from it
-            offset = int(torch.randint(0, self.cfg.time_offset_max + 1, (1,)).item())
         assert self.time_proj is not None
         return self.time_proj(time_codes(K, self.cfg.d_model, device, offset))
 
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        if self.cfg.init_state == "noise":
-            return torch.randn_like(e) * self.cfg.state_noise_std
-        return torch.zeros_like(e)
+    def initial_state(self, e: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros_like(e) if noise is None else noise.to(e.dtype)
 
     def refine(self, h: torch.Tensor, e: torch.Tensor, t: torch.Tensor | None,
                cache: KVCache | None = None) -> torch.Tensor:
@@ -174,20 +183,20 @@ class CausalRefiner(Generator, nn.Module):
                 h = self.refine(h, e, None if times is None else times[k], cache)
         return h
 
-    def start(self, idx: torch.Tensor, K: int, caches: list[KVCache] | None = None
+    def start(self, idx: torch.Tensor, d: Draws, caches: list[KVCache] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The encoding e (B, T, C), the time signals of K passes, and the initial state h0."""
+        """The encoding e (B, T, C), the time signals of d.depth passes, and the initial state h0."""
         e = self.wte(idx)
         for i, block in enumerate(self.prelude):
             e = block(e, self.rope, caches[i] if caches else None)
-        return e, self.pass_times(K, idx.device), self.initial_state(e)
+        return e, self.pass_times(d.depth, idx.device, d.offset), self.initial_state(e, d.noise)
 
     def hidden(self, idx: torch.Tensor, n_steps: int | None = None,
                caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final normed state (B, T, C). `caches`: one per prelude block, then one per pass."""
-        K = self.pick_depth(n_steps)
-        e, times, h = self.start(idx, K, caches)
-        return self.norm_f(self.loop(h, e, times, 0, K, self.cfg.backprop_steps, caches))
+        d = self.draw(idx, n_steps)
+        e, times, h = self.start(idx, d, caches)
+        return self.norm_f(self.loop(h, e, times, 0, d.depth, self.cfg.backprop_steps, caches))
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return chunked_cross_entropy(h, self.lm_weight(), targets, self.cfg.loss_chunk_tokens)
@@ -201,8 +210,9 @@ class CausalRefiner(Generator, nn.Module):
             return self.hidden(idx, n_steps) @ self.lm_weight().t(), None
         if not (self.training and w > 0):
             return None, self.loss(self.hidden(idx, n_steps), targets)
-        K = self.pick_depth(n_steps)
-        e, times, h0 = self.start(idx, K)
+        d = self.draw(idx, n_steps)
+        K = d.depth
+        e, times, h0 = self.start(idx, d)
         normal = self.loss(self.norm_f(self.loop(h0, e, times, 0, K, self.cfg.backprop_steps)), targets)
         # Progressive loss: n passes without a graph (so the state is detached), then k passes
         # with one, from pass index n on. The loss is taken after n + k <= K passes.

@@ -87,9 +87,7 @@ class TrainStep:
         next_batch() -> (inputs, targets) on the device; returns (mean loss, lr). Raises
         TrainingDiverged on a non-finite loss, with the gradients cleared and no update made."""
         t = self.cfg.train
-        lr = lr_at(step, t, elapsed_s)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step, elapsed_s)
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
             x, y = next_batch()
@@ -98,7 +96,22 @@ class TrainStep:
                 loss = loss / t.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_value = float(loss_sum)  # one host sync per optimizer step
+        value = float(loss_sum)  # one host sync per optimizer step
+        self.update(value, step)
+        return value, lr
+
+    # set_lr and update are the step's two ends, apart so that harness/batched.py can compute
+    # the gradients of several stacked seeds at once (under vmap) and finish each seed's step here.
+    def set_lr(self, step: int, elapsed_s: float = 0.0) -> float:
+        lr = lr_at(step, self.cfg.train, elapsed_s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def update(self, loss_value: float, step: int) -> None:
+        """Apply the (scaled) gradients in the parameters' .grad: check the loss, unscale, clip,
+        scaler.step, update the scale, clear the gradients."""
+        t = self.cfg.train
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"training diverged: loss is {loss_value} at step {step + 1}")
@@ -111,4 +124,3 @@ class TrainStep:
         if self.fp16 and self.scaler.get_scale() < scale_before:
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, lr

@@ -306,11 +306,12 @@ def test_random_offset_draws_one_offset_per_forward_in_training_only():
         torch.manual_seed(0)
         seen = set()
         for _ in range(40):
-            t = model.pass_times(K, dev)
+            t = model.pass_times(K, dev, model.draw(tokens()).offset)
             seen |= {o for o, ref in enumerate(by_offset) if torch.equal(t, ref)}
             assert any(torch.equal(t, ref) for ref in by_offset)  # a consecutive run of indices
         assert seen == {0, 1, 2, 3}  # P(one offset missing in 40 draws) < 1e-4; seed fixed
-        assert torch.equal(model.eval().pass_times(K, dev), by_offset[0])
+        assert model.eval().draw(tokens()).offset == 0
+        assert torch.equal(model.pass_times(K, dev), by_offset[0])
     assert torch.equal(time_codes(K, 8, dev, start=2), time_codes(K + 2, 8, dev)[2:])
 
 
@@ -324,7 +325,9 @@ def test_noise_state_is_fresh_per_forward_and_seeded_by_torch():
         torch.manual_seed(5)
         assert torch.equal(model(idx)[0], a)  # reproducible under torch.manual_seed
     assert not torch.allclose(a, b, atol=1e-5)  # a fresh draw every forward, also at inference
-    h0 = model.initial_state(torch.empty(4, 64, 64))
+    noise = model.draw(torch.zeros(4, 64, dtype=torch.long)).noise
+    assert noise is not None and noise.shape == (4, 64, 64)
+    h0 = model.initial_state(torch.empty(4, 64, 64), noise)
     assert abs(h0.std().item() - 0.05) < 0.002 and abs(h0.mean().item()) < 0.002
 
 
