@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -488,16 +488,18 @@ class Store:
         return changed
 
     def claim_next(self, lane: str, owner: str, host: str, runs_root: str | Path,
-                   lease_seconds: float) -> dict[str, Any] | None:
+                   lease_seconds: float, released: Collection[int] = ()) -> dict[str, Any] | None:
         """Take the best queued job of `lane` (priority, then FIFO) for `owner`. On the GPU lane
-        nothing is taken while any GPU job runs on `host`."""
+        nothing is taken while any GPU job runs on `host`, but those in `released`: jobs whose
+        process told the caller it gave the card back and now finishes on the CPU (the daemon's
+        own; another daemon on the host, not told, still waits for them to end)."""
         try:
-            return self._claim_next(lane, owner, host, runs_root, lease_seconds)
+            return self._claim_next(lane, owner, host, runs_root, lease_seconds, released)
         except IntegrityError:  # two first-ever GPU claims of a new host raced to insert its row
-            return self._claim_next(lane, owner, host, runs_root, lease_seconds)
+            return self._claim_next(lane, owner, host, runs_root, lease_seconds, released)
 
     def _claim_next(self, lane: str, owner: str, host: str, runs_root: str | Path,
-                    lease_seconds: float) -> dict[str, Any] | None:
+                    lease_seconds: float, released: Collection[int]) -> dict[str, Any] | None:
         with self.reading() as c:  # the common case, nothing to do, costs no write lock
             if not c.execute(select(jobs.c.id).where(jobs.c.lane == lane, jobs.c.status == "queued")
                              .limit(1)).first():
@@ -509,8 +511,10 @@ class Store:
                 n = c.execute(update(hosts).where(hosts.c.host == host).values(gpu_claimed_at=t)).rowcount
                 if not n:
                     c.execute(insert(hosts).values(host=host, gpu_claimed_at=t))
-                busy = c.execute(select(jobs.c.id).where(
-                    jobs.c.lane == "gpu", jobs.c.status == "running", jobs.c.host == host).limit(1)).first()
+                holding = [jobs.c.lane == "gpu", jobs.c.status == "running", jobs.c.host == host]
+                if released:
+                    holding.append(jobs.c.id.notin_(list(released)))
+                busy = c.execute(select(jobs.c.id).where(*holding).limit(1)).first()
                 if busy:
                     return None
             candidates = c.execute(

@@ -4,11 +4,16 @@ Idle = the start of the next job's first optimizer step minus the end of the pre
 one, as the jobs record them (workers.run.WorkerContext: `progress.first_step_at`, when the
 first step ended, less that step's own time from metrics.jsonl; the `step_at` of the last
 progress write, which is always the last step's end). So it counts everything
-the card does not train in: the previous job's final eval and result, process exit, the daemon
-noticing, the claim, the hand-over to a standby process, the GPU lock, the next job's imports,
-model build, data and its baseline eval. Each gap is split into those phases (from the store's
-claimed_at / started_at / finished_at), so a slow one says where, and the jobs' own evals
-(metrics.jsonl's eval_s) are shown apart: card work, but not optimizer steps.
+the card does not train in: the previous job's final eval and whatever else it does before it
+gives the card back, the daemon noticing, the claim, the hand-over to a standby process, the GPU
+lock, the next job's imports, model build, data and its baseline eval. Each gap is split into
+those phases, so a slow one says where: `tail` (last step -> the card given back: progress's
+`card_released_at`, or `finished_at` for a job that holds the card to its end), `daemon` (->
+the next job's claimed_at), `handover` (-> its started_at: the standby, the GPU lock) and
+`to_first_step`. The jobs' own evals (metrics.jsonl's eval_s) are shown apart: card work, but
+not optimizer steps. So is `off_card`, what the previous job still did after it gave the card
+back (curves.png, its result, its exit: -> finished_at), which the card no longer waits for and
+which is not in idle.
 
     python bench/card_idle.py [--jobs 6] [--steps 40] [--preset tiny] [--cuda-preinit]
 
@@ -76,10 +81,11 @@ def gaps(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
         mine = metrics(nxt)
         first_step = next(m["train_s"] for m in mine if m.get("event") == "train" and m["step"] == 1)
         last, first = prev["progress"]["step_at"], nxt["progress"]["first_step_at"] - first_step
+        released = prev["progress"].get("card_released_at") or prev["finished_at"]
         evals = (sum(m["eval_s"] for m in mine if m.get("event") == "eval" and m["step"] == 0)
                  + sum(m["eval_s"] for m in metrics(prev) if m.get("event") == "eval" and m["step"] > 0))
-        out.append({"idle": first - last, "tail": prev["finished_at"] - last,
-                    "daemon": nxt["claimed_at"] - prev["finished_at"],
+        out.append({"idle": first - last, "tail": released - last,
+                    "daemon": nxt["claimed_at"] - released, "off_card": prev["finished_at"] - released,
                     "handover": nxt["started_at"] - nxt["claimed_at"],
                     "to_first_step": first - nxt["started_at"], "evals": evals})
     return out
@@ -105,10 +111,12 @@ def run_arm(name: str, n: int, steps: int, preset: str, extra_env: dict[str, str
     found = gaps(rows)
     for i, g in enumerate(found):
         print(f"{name} gap {i + 1}: idle {g['idle']:.3f} s = " +
-              " + ".join(f"{p} {g[p]:.3f}" for p in PHASES) + f" (of which the jobs' evals {g['evals']:.3f})",
+              " + ".join(f"{p} {g[p]:.3f}" for p in PHASES) +
+              f" (of which the jobs' evals {g['evals']:.3f}; off the card after it {g['off_card']:.3f})",
               flush=True)
     med = statistics.median(g["idle"] for g in found)
-    phases = ", ".join(f"{p} {statistics.median(g[p] for g in found):.3f}" for p in (*PHASES, "evals"))
+    phases = ", ".join(f"{p} {statistics.median(g[p] for g in found):.3f}"
+                       for p in (*PHASES, "evals", "off_card"))
     print(f"{name}: {len(found)} gaps, median idle {med:.3f} s ({phases}); less the jobs' evals "
           f"{statistics.median(g['idle'] - g['evals'] for g in found):.3f} s; device "
           f"{rows[0]['result']['device']}; runs in {tmp}", flush=True)

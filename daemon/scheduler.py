@@ -11,6 +11,14 @@ already started and imported (`workers.supervise.ProcessPool`; for a lane that t
 the models too), so it does not wait for python. Every heartbeat the pool retires standbys
 started at an older commit than HEAD.
 
+The GPU lane's room is the card's: a GPU job that gave the card back (its card work is over,
+workers.run WorkerContext.release_card) no longer counts, so the next GPU job is claimed and
+started at that moment while the first finishes its CPU-only tail (curves.png, its result) in
+a thread of its own; its attempt is watched and recorded as any other. One such tail at a time
+(GPU_TAILS): each still holds its process's CUDA context. Two jobs never hold the card at once:
+besides this count, each job process takes the card's GPU lock (workers.gpu_lock) before it
+starts, and a tail has let it go.
+
 Why claim before enqueueing: huey forgets a message when it is dequeued, so the store's row (with
 a lease) is the truth. A daemon killed with claimed messages still in huey leaves leases that
 expire and get swept back to queued by any daemon; its huey queues (named after the daemon
@@ -52,6 +60,9 @@ from store import Store, db_url
 from workers.supervise import ProcessPool, run_job
 
 log = logging.getLogger("lab.daemon")
+
+# GPU jobs past their card work, finishing on the CPU, that may run beside the card's job.
+GPU_TAILS = 1
 
 
 def broker_url() -> str | None:
@@ -127,6 +138,7 @@ class Daemon:
         self.pool = ProcessPool(self.db, self.runs, self.host)
         self.active: dict[int, str] = {}  # claimed job id -> lane
         self.started: set[int] = set()  # claimed jobs whose supervisor has begun
+        self.released: set[int] = set()  # active GPU jobs that gave the card back (in their tail)
         self.lock = threading.RLock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -195,19 +207,28 @@ class Daemon:
             # either, and would fail in a blink, one after another, through the whole queue.
             if self._check_disk():
                 return
-            for lane in self.lanes:
-                while self._room(lane) > 0:
-                    job = self.store.claim_next(lane, self.id, self.host, self.runs, self.q.lease_seconds)
-                    if job is None:
-                        break
-                    self.active[job["id"]] = lane
-                    log.info("job %d (%s) claimed for lane %s, attempt %d", job["id"], job["kind"],
-                             lane, job["attempts"])
-                    self.tasks[lane](job["id"], job["attempts"])
+            self._dispatch(self.lanes)
+
+    def _dispatch(self, lanes: tuple[str, ...]) -> None:
+        """Claim and enqueue jobs while `lanes` have room (the caller holds the lock and has
+        checked the disk guard)."""
+        for lane in lanes:
+            while self._room(lane) > 0:
+                job = self.store.claim_next(lane, self.id, self.host, self.runs, self.q.lease_seconds,
+                                            released=self.released if lane == "gpu" else ())
+                if job is None:
+                    break
+                self.active[job["id"]] = lane
+                log.info("job %d (%s) claimed for lane %s, attempt %d", job["id"], job["kind"],
+                         lane, job["attempts"])
+                self.tasks[lane](job["id"], job["attempts"])
 
     def _room(self, lane: str) -> int:
-        busy = sum(1 for v in self.active.values() if v == lane)
-        return (1 if lane == "gpu" else self.cpu_workers) - busy
+        busy = [j for j, v in self.active.items() if v == lane]
+        if lane != "gpu":
+            return self.cpu_workers - len(busy)
+        holding = sum(1 for j in busy if j not in self.released)
+        return min(1 - holding, 1 + GPU_TAILS - len(busy))
 
     def _check_disk(self) -> bool:
         """True when the disk guard holds the lanes (both: see tick)."""
@@ -241,26 +262,70 @@ class Daemon:
                 job = self.store.get(job_id)
                 if (job is None or job["status"] != "running" or job["attempts"] != attempt
                         or job["lease_owner"] != self.id):
-                    return
-                if self.stopping.is_set():
+                    job = None
+                elif self.stopping.is_set():
                     self.store.release(job_id, attempt, "daemon shut down before the job started")
-                    return
-                self.started.add(job_id)
+                    job = None
+                else:
+                    self.started.add(job_id)
+        except Exception:
+            log.exception("job %d: supervisor error", job_id)
+            job = None
+        if job is None:
+            self._ended(job_id)
+            return
+        if job["lane"] != "gpu":
+            self._supervise(job, None)
+            return
+        # The lane's one worker thread stands for the card: it is free again when the job gives
+        # the card back or ends, whichever comes first, and then dequeues the next job at once.
+        card_back, lane_free = threading.Event(), threading.Event()
+
+        def released() -> None:
+            card_back.set()
+            lane_free.set()
+        watcher = threading.Thread(target=self._supervise, args=(job, released, lane_free),
+                                   name=f"job-{job_id}", daemon=True)
+        watcher.start()
+        lane_free.wait()
+        if card_back.is_set():
+            with self.lock:
+                if job_id in self.active:  # not ended meanwhile (its own end dispatched then)
+                    self.released.add(job_id)
+                    log.info("job %d gave the card back; its tail runs on the CPU", job_id)
+                    if not self.stopping.is_set() and self.paused is None:
+                        try:
+                            # Only the claim: nothing was unblocked by a job still running.
+                            self._dispatch(("gpu",))
+                        except Exception:
+                            log.exception("dispatch after job %d gave the card back failed", job_id)
+
+    def _supervise(self, job: dict[str, Any], on_card_released: Callable[[], None] | None,
+                   ended: threading.Event | None = None) -> None:
+        job_id, attempt = job["id"], job["attempts"]
+        try:
             outcome = run_job(self.store, job, db=self.db, runs=self.runs, host=self.host,
-                              stop_deadline=lambda: self.stop_deadline, pool=self.pool)
+                              stop_deadline=lambda: self.stop_deadline, pool=self.pool,
+                              on_card_released=on_card_released)
             log.info("job %d (%s) attempt %d: %s", job_id, job["kind"], attempt, outcome)
         except Exception:
             log.exception("job %d: supervisor error", job_id)
         finally:
-            with self.lock:
-                self.active.pop(job_id, None)
-                self.started.discard(job_id)
-            if not self.stopping.is_set():
-                try:
-                    self.tick()  # the next job of this lane starts now, not at the next poll
-                except Exception:
-                    log.exception("dispatch after job %d failed", job_id)
-            self.wake.set()
+            self._ended(job_id)
+            if ended is not None:
+                ended.set()
+
+    def _ended(self, job_id: int) -> None:
+        with self.lock:
+            self.active.pop(job_id, None)
+            self.started.discard(job_id)
+            self.released.discard(job_id)
+        if not self.stopping.is_set():
+            try:
+                self.tick()  # the next job of this lane starts now, not at the next poll
+            except Exception:
+                log.exception("dispatch after job %d failed", job_id)
+        self.wake.set()
 
     # --- stopping --------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ def check(spec: Spec, ctx: Any) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False, "reason": "", "preset": cfg.name, "arch": cfg.model.arch,
                               "device": str(ctx.device), "steps": spec.steps}
     try:
+        # The card is given back before curves.png and the judging below: CPU work only.
         summary = train(cfg, data_dir_for(SAMPLE_DATASET), ctx.run_dir, ctx, checkpoints=False,
                         eval_first=True)
     except TrainingDiverged as e:

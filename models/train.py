@@ -401,14 +401,16 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathL
     """Train `cfg` on the dataset in data_dir, writing into run_dir; return the summary.
     resume=True continues from run_dir/ckpt_last.pt exactly where it was saved (the same losses
     as a run never interrupted). eval_first also evaluates the untrained model (step 0).
-    Raises TrainingDiverged on a NaN/inf loss, after logging it."""
+    Raises TrainingDiverged on a NaN/inf loss, after logging it.
+    Once the card work is done (the last step, the final eval, the checkpoint), the model and
+    optimizer are dropped and `ctx.release_card()` is called where the context has one (a queue
+    job's: workers/run.py), so the next GPU job trains while curves.png is drawn. A diverged run
+    keeps the card to its process's exit."""
     trainer = _Trainer(cfg, data_dir, run_dir, ctx, checkpoints)
     if resume and not (trainer.run_dir / LAST).exists():
         raise FileNotFoundError(f"resume: no checkpoint {trainer.run_dir / LAST} to resume from")
     try:
         summary = trainer.run(resume, eval_first)
-        write_curves(trainer.run_dir, ctx)
-        return summary
     except TrainingDiverged as e:
         write_curves(trainer.run_dir, ctx)  # a diverged run's curves show where it went wrong
         trainer.metric({"event": "diverged", "step": trainer.step, "error": str(e)})
@@ -420,6 +422,13 @@ def train(cfg: Config, data_dir: str | os.PathLike[str], run_dir: str | os.PathL
         ctx.log("status: diverged")
         ctx.log(f"steps: {trainer.step}")
         raise
+    out_dir = trainer.run_dir
+    del trainer  # its model and optimizer: release_card frees their card memory
+    release = getattr(ctx, "release_card", None)  # a foreground run's context holds the card to its end
+    if release is not None:
+        release()
+    write_curves(out_dir, ctx)
+    return summary
 
 
 def write_curves(run_dir: Path, ctx: Any) -> Path | None:

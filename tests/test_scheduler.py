@@ -229,3 +229,19 @@ def test_after_a_commit_jobs_run_the_new_code(tmp_path: Path, daemons) -> None:
     assert (f"code of commit {second} (loaded before the job came)" in text
             or f"HEAD is now {second[:12]}; restarting as a fresh process" in text), text
     assert f"code of commit {first}" not in text
+
+
+def test_the_next_gpu_job_starts_while_the_last_one_finishes_off_the_card(env, daemons) -> None:
+    """A smoke gives the card back after its final eval: the next GPU job is claimed and started
+    then, before the first has drawn curves.png and recorded its result; yet never before the
+    first gave the card (and its GPU lock) back."""
+    store = Store(env["LAB_DB"])
+    ids = [service.submit("smoke", {"steps": 40}, lane="gpu")["id"] for _ in range(2)]
+    daemons.append(start_daemon(env, "--lanes", "gpu"))
+    first, second = wait_jobs(store, ids, 90)
+    assert [first["status"], second["status"]] == ["succeeded", "succeeded"]
+    released = first["progress"]["card_released_at"]
+    assert first["progress"]["step_at"] <= released <= second["started_at"] < first["finished_at"]
+    for row in (first, second):
+        assert (Path(row["run_dir"]) / "curves.png").exists()
+    assert stop_daemon(daemons[0]) < 30

@@ -263,3 +263,25 @@ def test_lab_train_bad_input_exits_2(tmp_runs: Path) -> None:
     assert by_path.exit_code == 2 and "give the run id" in by_path.output
     no_resume = runner.invoke(main, ["train", "--resume", "no-such-run"])
     assert no_resume.exit_code == 2 and "--resume" in no_resume.output
+
+
+class CardHolder(Recorder):
+    """A context that, like a queue job's, can give the card back; it notes what was on disk then."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir)
+        self.at_release: list[tuple[list[int], bool]] = []
+
+    def release_card(self) -> None:
+        self.at_release.append(([r["step"] for r in records(self.run_dir, "eval")],
+                                (self.run_dir / "curves.png").exists()))
+
+
+def test_train_gives_the_card_back_after_the_final_eval_and_before_the_plot(
+        sample: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    ctx = CardHolder(run_dir)
+    summary = train(tiny(), sample, run_dir, ctx)
+    assert ctx.at_release == [([4, 8], False)]  # once, with every eval done and no plot yet
+    assert (run_dir / "curves.png").exists() and (run_dir / LAST).exists()
+    assert json.loads((run_dir / "summary.json").read_text()) == summary

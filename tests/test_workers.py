@@ -252,3 +252,59 @@ def test_a_training_lane_standby_preloads_torch_and_runs_a_smoke(queue, monkeypa
     row = store.get(job["id"])
     assert row["pid"] == standby.proc.pid
     assert row["started_at"] < row["progress"]["first_step_at"] <= row["progress"]["step_at"]
+
+
+# --- the card given back before the job's CPU-only tail ---------------------------------------
+
+
+def claim_smoke(store: Store, env: dict[str, str], **spec: Any) -> dict:
+    store.submit("smoke", "gpu", {"steps": 40, **spec}, timeout_s=120, max_attempts=1)
+    job = store.claim_next("gpu", "test", "testhost", Path(env["LAB_RUNS"]), 60)
+    assert job is not None
+    return job
+
+
+def test_a_gpu_job_gives_the_card_back_before_its_tail_and_succeeds_after_it(queue) -> None:
+    """The smoke's last step and final eval are card work; curves.png and the result are not: the
+    supervisor hears "released" while the job still runs, the GPU lock free, the plot not yet
+    drawn; the record becomes succeeded only after the tail, with curves.png there."""
+    store, env = queue
+    job = claim_smoke(store, env)
+    run_dir = Path(job["run_dir"])
+    seen: list[tuple[str, bool, bool]] = []
+
+    def released() -> None:
+        seen.append((store.get(job["id"])["status"], gpu_lock.is_held(), (run_dir / "curves.png").exists()))
+    outcome = run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                      stop_deadline=lambda: None, on_card_released=released)
+    assert outcome == "succeeded", store.get(job["id"])["error"]
+    assert seen == [("running", False, False)]
+    row = store.get(job["id"])
+    assert row["progress"]["step_at"] <= row["progress"]["card_released_at"] <= row["finished_at"]
+    assert (run_dir / "curves.png").exists() and row["result"]["ok"]
+    assert "card released" in (run_dir / "log.txt").read_text()
+
+
+def test_a_tail_that_fails_after_the_card_is_given_back_fails_the_job(queue) -> None:
+    """At lr 0 the loss cannot fall: the smoke's verdict, reached after the release, fails it as
+    before; nothing is recorded as succeeded."""
+    store, env = queue
+    job = claim_smoke(store, env, steps=8, set={"lr": 0.0, "min_lr": 0.0})
+    seen: list[str] = []
+    outcome = run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                      stop_deadline=lambda: None,
+                      on_card_released=lambda: seen.append(store.get(job["id"])["status"]))
+    row = store.get(job["id"])
+    assert outcome == "failed" and seen == ["running"]
+    assert row["status"] == "failed" and "the loss did not fall" in row["error"]
+    assert (Path(job["run_dir"]) / "curves.png").exists()
+
+
+def test_a_cpu_job_has_no_card_to_give_back(queue) -> None:
+    store, env = queue
+    job = claim(store, env, lane="cpu")
+    seen: list[int] = []
+    outcome = run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
+                      stop_deadline=lambda: None, on_card_released=lambda: seen.append(1))
+    assert outcome == "succeeded" and seen == []
+    assert "card_released_at" not in store.get(job["id"])["progress"]

@@ -13,8 +13,10 @@ as indices or UUIDs), else by its index (`gpu1`). With no working nvidia-smi: on
 
 What it guarantees, between processes that take it: at most one holds a given card at a time. The
 kernel releases it when the holder dies, however it dies, so an orphaned job keeps the card until
-it ends and whoever comes next waits instead of overlapping it. A process keeps it until it exits
-(its CUDA context holds the card's memory until then anyway); the holder's pid is in the file.
+it ends and whoever comes next waits instead of overlapping it. A process keeps it until it exits,
+or until it gives it back (`release`): a queue job does once its card work is done and its
+memory freed, so the next job trains while this one writes its plots and result (workers/run.py
+WorkerContext.release_card); the holder's pid is in the file.
 Who takes it: the queue's job process on the GPU lane (workers/run.py, before the job starts) and
 a foreground run whose device resolves to cuda (`hold_card_if_cuda`, where the CLI resolves
 --device); a run on the cpu takes none. Taking it again in the same process is a no-op, so a job
@@ -204,8 +206,8 @@ def describe_holder(path: Path | None = None) -> str:
 
 def acquire(on_wait: Callable[[], None] | None = None, ordinal: int = 0) -> int:
     """Block until this process holds the lock of its card `cuda:<ordinal>`; returns the fd, which
-    stays open until the process exits. Idempotent: a second call returns the same fd at once.
-    `on_wait` is called once, before blocking, if another process holds it."""
+    stays open until the process exits or calls `release`. Idempotent: a second call returns the
+    same fd at once. `on_wait` is called once, before blocking, if another process holds it."""
     path = lock_path(ordinal)
     with _held_guard:  # two threads of one process must not both open (the second would deadlock)
         if path in _held:
@@ -230,6 +232,18 @@ def acquire(on_wait: Callable[[], None] | None = None, ordinal: int = 0) -> int:
             pass  # opened read-only (another user's file): the lock holds all the same
         _held[path] = fd
         return fd
+
+
+def release(ordinal: int = 0) -> bool:
+    """Give the card's lock back (closing the fd drops the flock); True if this process held it.
+    The caller must be done with the card: the next holder may start on it at once."""
+    path = lock_path(ordinal)
+    with _held_guard:
+        fd = _held.pop(path, None)
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
 
 def _print_waiting(ordinal: int) -> Callable[[], None]:

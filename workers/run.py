@@ -17,6 +17,11 @@ stderr going to `runs/<job_id>/log.txt`. In order it:
    job, another daemon's job or a foreground cuda run may still hold the card);
 3. marks the job started, runs `jobs.get_kind(kind).run(spec, ctx)`, and records the result
    (succeeded) or the exception (failed, exit 1) for its own attempt only.
+On the GPU lane the card is given back (WorkerContext.release_card: memory freed, GPU lock
+released, the supervisor told through LAB_CARD_FD) as soon as the job's card work ends: by the
+kind itself, before a CPU-only tail such as curves.png (models/train.py train), or else
+when `run` returns, before the result is recorded. The next GPU job may start from then on; the
+record becomes `succeeded` only once the result is, and a tail that fails fails the job.
 A death by signal or an exit without a result is recorded by the supervisor, or, when nobody
 supervises, by the lease sweep. This module imports no torch at import; a kind imports it
 inside `run`, a training lane's standby in `preload`.
@@ -49,8 +54,10 @@ from store import Store, iso
 from workers import gpu_lock
 from workers.eta import EtaEstimator
 from workers.supervise import (
+    CARD_FD_ENV,
     COMMIT_ENV,
     PRELOAD_ENV,
+    RELEASED,
     STOPPED_FILE,
     TRAINING_KINDS,
     HeadWatch,
@@ -123,6 +130,9 @@ class WorkerContext:
         # the job's work. Kept in every progress write, so bench/card_idle.py reads the lane's
         # idle time (previous job's last step -> this one's first) from the store, not from logs.
         self.first_step_at: float | None = None
+        # Wall clock (epoch s) when release_card gave the card back; None while it holds it.
+        self.card_released_at: float | None = None
+        self._last_progress: dict[str, Any] | None = None
 
     @property
     def device(self) -> str:
@@ -147,14 +157,47 @@ class WorkerContext:
         self._last_write = t
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in metrics.items()}
+        self._last_progress = {
+            "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
+            "metrics": clean, "at": iso(wall),
+            # epoch seconds: `at` has millisecond text; these are for timing the lane
+            "step_at": wall, "first_step_at": self.first_step_at}
+        self._write_progress(self._last_progress)
+
+    def _write_progress(self, progress: dict[str, Any]) -> None:
         try:
-            self.store.set_progress(self.job_id, self.attempt, {
-                "step": step, "total": total, "eta_s": None if eta is None else round(eta, 1),
-                "metrics": clean, "at": iso(wall),
-                # epoch seconds: `at` has millisecond text; these are for timing the lane
-                "step_at": wall, "first_step_at": self.first_step_at})
+            self.store.set_progress(self.job_id, self.attempt, progress)
         except Exception as e:  # a database blip must not kill a long run; the lease watchdog guards
             _say(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}")
+
+    def release_card(self) -> None:
+        """The job's card work is over (its last step and final eval; the card is not used again
+        in this process): free its memory, give the GPU lock back and tell the supervisor, so
+        the daemon can start the next GPU job while this one finishes on the CPU (plots, the
+        result). A no-op off the GPU lane and after the first call. The process keeps its CUDA
+        context (a few hundred MB) until it exits; the daemon lets one such tail run beside the
+        card's job, not more (daemon.scheduler)."""
+        if self.lane != "gpu" or self.card_released_at is not None:
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            import gc
+
+            torch.cuda.synchronize()  # the last kernels are card work too
+            gc.collect()  # the kind's dropped model and optimizer: their blocks go back below
+            torch.cuda.empty_cache()
+        gpu_lock.release()
+        self.card_released_at = time.time()
+        fd = os.environ.pop(CARD_FD_ENV, None)
+        if fd is not None:
+            try:
+                os.write(int(fd), RELEASED)
+                os.close(int(fd))
+            except (OSError, ValueError):
+                pass  # no supervisor listens (a run by hand): the lock alone frees the card
+        # For bench/card_idle.py: the card's part of the job ends here, not at `finished_at`.
+        self._write_progress({**(self._last_progress or {}), "card_released_at": self.card_released_at})
+        _say("lab: card released; the rest of the job runs on the CPU")
 
     def log(self, message: str) -> None:
         print(message.rstrip("\n"), flush=True)  # not _say: a kind that cannot log should know
@@ -500,6 +543,9 @@ def main(argv: list[str]) -> int:
         check_spec_paths(job["kind"], job["spec"])
         spec = jobs.parse_spec(job["kind"], job["spec"])
         result = kind.run(spec, ctx)
+        # Its frames (the model) are gone: the result is formatted and recorded off the card. Not
+        # on a failure: a traceback can still hold the model's memory until the exit.
+        ctx.release_card()
         result = json.loads(json.dumps(result, default=str))  # JSON-able, or fail here, loudly
     except SystemExit as e:
         # sys.exit(n) in a kind is the job's own exit code: recorded here, so it fails at once

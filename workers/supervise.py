@@ -7,6 +7,12 @@ the process ends without having recorded its own outcome, the reason is recorded
 name, the exit code, the job's own reason for stopping itself, the timeout or the cancel), and
 what follows is the one retry policy of `run_job`. Its own writes to the job's log are best
 effort: on a full disk the reason must still reach the store.
+
+A GPU-lane job process gets the write end of a pipe (its fd in LAB_CARD_FD): it writes
+"released" once its card work is over and it has given the GPU lock back (workers.run
+WorkerContext.release_card), and `run_job` calls `on_card_released` at that moment, so the
+daemon can start the next GPU job while this one finishes its CPU-only tail. This attempt is
+still watched, timed and recorded as before until its process exits.
 """
 
 from __future__ import annotations
@@ -31,6 +37,31 @@ from store import Store
 # Written into the run dir by a job that stops itself (workers.run.LeaseKeeper.stop_self), for
 # this supervisor: the database may be what the job cannot reach, so its reason goes to a file.
 STOPPED_FILE = "stopped-itself.json"
+# The fd number of the write end of a GPU-lane job's "card released" pipe (see the docstring).
+CARD_FD_ENV = "LAB_CARD_FD"
+RELEASED = b"released\n"
+
+
+def start_job_process(args: list[str], env: dict[str, str], log: Any, stdin: Any, gpu: bool
+                      ) -> tuple[subprocess.Popen, int | None]:
+    """`python -m workers.run ARGS` in a session of its own, its output in `log`; on the GPU lane
+    with the write end of a new "card released" pipe (its number in env[CARD_FD_ENV]). Returns
+    the process and the pipe's read end (None off the GPU lane), which the caller owns."""
+    r, w = os.pipe() if gpu else (None, None)
+    if w is not None:
+        env[CARD_FD_ENV] = str(w)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.run", *args], stdin=stdin, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                pass_fds=() if w is None else (w,))
+    except BaseException:
+        if r is not None:
+            os.close(r)
+        raise
+    finally:
+        if w is not None:
+            os.close(w)  # the child's alone: its exit is then an EOF here
+    return proc, r
 
 
 def group_members(pgid: int) -> list[int]:
@@ -85,34 +116,67 @@ def kill_group(proc: subprocess.Popen, grace: float) -> None:
 class ExitWaiter:
     """waiter(timeout) -> True once `proc` has exited (and is reaped), waking the moment it exits:
     a pidfd on Linux. Popen.wait(timeout) polls with sleeps of up to 50 ms, and every ms of it
-    between a job's exit and the next job's start is dead time on the GPU lane."""
+    between a job's exit and the next job's start is dead time on the GPU lane.
 
-    def __init__(self, proc: subprocess.Popen):
+    With `card_fd` (the read end of the job's "card released" pipe, which it then owns) it also
+    wakes the moment the job writes "released" and calls `on_released` once, from the waiting
+    thread: the card is free then, seconds of tail before the exit."""
+
+    def __init__(self, proc: subprocess.Popen, card_fd: int | None = None,
+                 on_released: Callable[[], None] | None = None):
         self.proc = proc
         self.fd: int | None = None
+        self.card_fd, self.on_released = card_fd, on_released
+        self._said = b""
         try:
             self.fd = os.pidfd_open(proc.pid)
         except (AttributeError, OSError):  # not Linux >= 5.3 (Popen.wait then), or already reaped
             pass
 
+    def _read_card(self) -> None:
+        assert self.card_fd is not None
+        try:
+            chunk = os.read(self.card_fd, 64)
+        except OSError:
+            chunk = b""
+        self._said += chunk
+        if RELEASED in self._said or not chunk:
+            # Said, or EOF (the process exited or closed it unsaid): nothing more to read.
+            os.close(self.card_fd)
+            self.card_fd = None
+            if RELEASED in self._said and self.on_released is not None:
+                self.on_released()
+
     def __call__(self, timeout: float) -> bool:
         if self.proc.returncode is not None:
             return True
         if self.fd is None:
+            if self.card_fd is not None:
+                readable, _, _ = select.select([self.card_fd], [], [], timeout)
+                if readable:
+                    self._read_card()
+                timeout = 0.0 if readable else 0.001
             try:
                 self.proc.wait(timeout=timeout)
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        readable, _, _ = select.select([self.fd], [], [], timeout)
-        if readable:
+        fds = [self.fd] if self.card_fd is None else [self.fd, self.card_fd]
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self.card_fd is not None and self.card_fd in readable:
+            self._read_card()
+        if self.fd in readable:
             self.proc.wait()
-        return bool(readable)
+            return True
+        return False
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.card_fd is not None:
+            os.close(self.card_fd)
+            self.card_fd = None
 
 
 def describe_exit(rc: int) -> str:
@@ -220,6 +284,12 @@ class Standby:
     proc: subprocess.Popen
     commit: str  # HEAD when it was started, before it imported anything
     heavy: bool  # preloads torch and the training modules
+    card_fd: int | None = None  # the GPU lane's: the read end of its "card released" pipe
+
+    def close_pipe(self) -> None:
+        if self.card_fd is not None:
+            os.close(self.card_fd)
+            self.card_fd = None
 
 
 class ProcessPool:
@@ -239,6 +309,7 @@ class ProcessPool:
         self.head = head if head is not None else Head()
         self._ready: dict[str, list[Standby]] = {}
         self._retired: list[subprocess.Popen] = []  # stdin closed, not yet reaped
+        self._pipes: dict[int, int] = {}  # pid of a handed-over GPU standby -> its card pipe's read end
         # The kinds of the lane's last jobs (or of its first queued one at start): whether its
         # next standbys preload torch.
         self._recent: dict[str, deque[str]] = {}
@@ -250,10 +321,8 @@ class ProcessPool:
         env = lane_env(lane, self.db, self.runs, self.host)
         env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if heavy else "light"
         with open(self.runs / "workers.log", "ab") as log:  # start-up errors before a job is assigned
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.run", "--standby"], stdin=subprocess.PIPE, stdout=log,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        return Standby(proc, commit, heavy)
+            proc, r = start_job_process(["--standby"], env, log, subprocess.PIPE, lane == "gpu")
+        return Standby(proc, commit, heavy, r)
 
     @staticmethod
     def size(lane: str) -> int:
@@ -284,6 +353,7 @@ class ProcessPool:
 
     def _retire(self, standby: Standby) -> None:
         self._forget(standby.proc.pid)
+        standby.close_pipe()
         try:
             if standby.proc.stdin is not None:
                 standby.proc.stdin.close()  # "not needed after all": it exits by itself
@@ -302,6 +372,7 @@ class ProcessPool:
             keep = []
             for s in ready:
                 if s.proc.poll() is not None:
+                    s.close_pipe()
                     continue
                 if s.commit != head or (heavy and not s.heavy):
                     self._retire(s)
@@ -318,7 +389,12 @@ class ProcessPool:
         heavy = job["kind"] in TRAINING_KINDS
         with self._lock:
             self._recent.setdefault(job["lane"], deque(maxlen=self.size(job["lane"]) + 1)).append(job["kind"])
-            ready = [s for s in self._ready.get(job["lane"], []) if s.proc.poll() is None]
+            ready = []
+            for s in self._ready.get(job["lane"], []):
+                if s.proc.poll() is None:
+                    ready.append(s)
+                else:
+                    s.close_pipe()
             pick = None
             if heavy:  # preloaded, then preloading, then waiting for a preload slot; oldest first
                 fit = [s for s in ready if s.heavy]
@@ -329,20 +405,31 @@ class ProcessPool:
                 ready.remove(pick)
                 self._forget(pick.proc.pid)
             self._ready[job["lane"]] = ready
-        proc = pick.proc if pick is not None else None
         line = f"{job['id']} {job['attempts']} {log_path}\n".encode()
         for _ in range(2):
-            if proc is None or proc.poll() is not None:
-                proc = self._spawn(job["lane"], self.head()).proc  # rare: none alive, or it died
+            if pick is None or pick.proc.poll() is not None:
+                if pick is not None:
+                    pick.close_pipe()
+                pick = self._spawn(job["lane"], self.head())  # rare: none alive, or it died
             try:
-                assert proc.stdin is not None
-                proc.stdin.write(line)
-                proc.stdin.close()
+                assert pick.proc.stdin is not None
+                pick.proc.stdin.write(line)
+                pick.proc.stdin.close()
                 break
             except (BrokenPipeError, OSError):
-                proc = None
-        assert proc is not None
-        return proc
+                pick.close_pipe()
+                pick = None
+        assert pick is not None
+        if pick.card_fd is not None:
+            with self._lock:
+                self._pipes[pick.proc.pid] = pick.card_fd
+        return pick.proc
+
+    def card_pipe(self, proc: subprocess.Popen) -> int | None:
+        """The read end of the "card released" pipe of a process `take` returned (the caller
+        owns it now), or None off the GPU lane."""
+        with self._lock:
+            return self._pipes.pop(proc.pid, None)
 
     def refill(self, lane: str) -> None:
         """`warm` a little later, in a thread of its own: after a hand-over, once the job's start
@@ -363,7 +450,11 @@ class ProcessPool:
         with self._lock:
             self.closed = True
             procs = [s.proc for ready in self._ready.values() for s in ready] + self._retired
-            self._ready, self._retired = {}, []
+            for s in (s for ready in self._ready.values() for s in ready):
+                s.close_pipe()
+            for fd in self._pipes.values():
+                os.close(fd)
+            self._ready, self._retired, self._pipes = {}, [], {}
         for proc in procs:
             self._forget(proc.pid)
         for proc in procs:
@@ -474,9 +565,12 @@ def _watch(store: Store, job: dict[str, Any], proc: subprocess.Popen, ended: Exi
 
 
 def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str,
-            stop_deadline: Callable[[], float | None], pool: ProcessPool | None = None) -> str:
+            stop_deadline: Callable[[], float | None], pool: ProcessPool | None = None,
+            on_card_released: Callable[[], None] | None = None) -> str:
     """Run one claimed attempt to its end; returns what became of it: succeeded, failed,
     cancelled, or requeued (daemon shutdown; or a death the retry policy requeues).
+    `on_card_released` is called (from this thread) the moment a GPU-lane job says it gave the
+    card back, before its tail; not at all if it never says so (it holds the card to its exit).
 
     The retry policy (README "Reliability"), the same as the lease sweep's when nobody watched:
     a death by a signal the lab did not send (an OOM kill, a segfault), a job that stopped itself
@@ -495,20 +589,21 @@ def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # an earlier attempt's (lab retry counts from 1)
     except OSError:
         pass
+    card_fd: int | None = None
     try:
         if pool is not None:
             proc = pool.take(job, log_path)
+            card_fd = pool.card_pipe(proc)
         else:
+            env = job_env(job, db, runs, host)
             with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "workers.run", str(job_id), str(attempt)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=job_env(job, db, runs, host), start_new_session=True)
+                proc, card_fd = start_job_process([str(job_id), str(attempt)], env, log, subprocess.DEVNULL,
+                                                  job["lane"] == "gpu")
     except OSError as e:  # no process (EAGAIN, ENOMEM), or the log went away meanwhile
         return could_not_start(store, job, f"cannot start the job process: {e.strerror or e}")
     if pool is not None:
         pool.refill(job["lane"])
-    ended = ExitWaiter(proc)
+    ended = ExitWaiter(proc, card_fd, on_card_released)
     try:
         ended_by = _watch(store, job, proc, ended, q, stop_deadline)
     finally:
