@@ -266,15 +266,12 @@ def read_depth(m: config.ModelConfig, n_steps: int | None, cell: PrimaryCell) ->
 
 
 def arm_sizes(cfg: config.Config, arm: ArmSpec, cell: PrimaryCell) -> dict[str, float]:
-    """Parameters (counted on the meta device: nothing allocated), distinct blocks and FLOPs per
-    token (training, and inference at the read depth) of an arm: the axes of MATCH_AXES."""
-    import torch
+    """Parameters, distinct blocks and FLOPs per token (training, and inference at the read
+    depth) of an arm, the axes of MATCH_AXES: from the config alone, so that validating a spec
+    (at submit, and in the daemon's pipeline decisions) imports no torch."""
+    from models.flops import forward_flops_per_token, param_count, train_flops_per_token
 
-    from models import build_model, count_params
-    from models.flops import forward_flops_per_token, train_flops_per_token
-
-    with torch.device("meta"):
-        params = count_params(build_model(cfg))
+    params = param_count(cfg.model)
     depth = read_depth(cfg.model, arm.n_steps, cell)
     return {"params": float(params), "distinct_blocks": float(distinct_blocks(cfg.model)),
             "train_flops": train_flops_per_token(cfg.model),

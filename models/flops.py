@@ -1,5 +1,6 @@
-"""FLOPs per token, from the config alone (no model built), so param-matched and
-compute-matched comparisons can be read off an ablation report.
+"""FLOPs per token and parameters, from the config alone (no model built, no torch imported),
+so param-matched and compute-matched comparisons can be read off an ablation report, and a
+spec validated, without the cost of importing torch.
 
 Convention (nanoGPT / PaLM appendix B): 2 FLOPs per multiply-add; a matmul with P weights costs
 2P per token forward; attention adds 4 * T * d per token per block application (scores and
@@ -14,6 +15,24 @@ from __future__ import annotations
 import math
 
 from config import ModelConfig
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    d = cfg.d_model
+    # qkv + proj, SwiGLU gate/up + down, two RMSNorms, the QK norms
+    return 4 * d * d + 3 * d * cfg.hidden + 2 * d + 2 * cfg.head_dim
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """The parameters models.build_model(cfg) has (the tied head counted once, as
+    models.count_params does): tests/test_flops.py checks it against built models."""
+    d = cfg.d_model
+    shared = cfg.vocab_size * d + d  # the tied embedding, the final norm
+    if cfg.arch != "refiner":
+        return shared + cfg.n_layers * _block_params(cfg)
+    time = {"sinusoid": d * d, "random_offset": d * d, "learned": cfg.depth_max * d}.get(cfg.time_signal, 0)
+    gate = 0 if cfg.update_rule == "replace" else 2 * d * d + d  # gate_h (with its bias), gate_c
+    return shared + (cfg.n_prelude + 1) * _block_params(cfg) + time + gate
 
 
 def _block_forward(cfg: ModelConfig, ctx: int) -> float:

@@ -118,3 +118,19 @@ def test_progressive_passes_match_what_the_model_runs():
     normal_grad = min(K, model.cfg.backprop_steps)
     assert calls["run"] / runs == pytest.approx(K + run, abs=0.2)  # standard error ~0.06
     assert calls["grad"] / runs == pytest.approx(normal_grad + grad, abs=0.15)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("refiner", {}),
+    ("refiner", {"update_rule": "replace", "time_signal": "none"}),
+    ("refiner", {"time_signal": "learned", "depth_max": 7, "n_prelude": 2}),
+    ("refiner", {"time_signal": "random_offset", "update_rule": "gated_blend", "d_model": 48, "n_heads": 3}),
+    ("reasoner", {}),
+    ("reasoner", {"n_layers": 5, "depth_max": 5, "mlp_hidden": 100}),
+])
+def test_param_count_is_the_built_models(arch: str, overrides: dict) -> None:
+    from models import build_model, count_params
+    from models.flops import param_count
+
+    cfg = config.preset("tiny", arch, **overrides)
+    assert param_count(cfg.model) == count_params(build_model(cfg))
