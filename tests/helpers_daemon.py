@@ -30,6 +30,9 @@ FAST = {
     # A preloading standby takes ~3.5 CPU-s beside the job it waits behind: on 2 cores that slows
     # every daemon test's jobs. Its own tests turn it on (tests/test_workers.py, bench/card_idle.py).
     "LAB_QUEUE_STANDBY_PRELOAD": "false",
+    # One standby per lane, not three: each is a python (~0.4 CPU-s) that most tests' one or two
+    # jobs never use. The pool's own tests (tests/test_workers.py) size it as they need.
+    "LAB_QUEUE_STANDBY_GPU": "1",
 }
 
 
