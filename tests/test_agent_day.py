@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def test_a_day_in_the_lab(tmp_path: Path) -> None:
 
     daemon = start_daemon(env, "--cpu-workers", "2")
     try:
+        # as an agent would: `lab wait` on a lane no daemon serves yet says so and exits 3 at once
+        up = time.monotonic() + 30
+        while not run(env, "status")["daemon"]["alive"]:
+            assert time.monotonic() < up, "the daemon did not come up"
+            time.sleep(0.2)
         broken = run(env, "submit", "sleep", "--lane", "cpu", "--set", "seconds=0.1", "--set", "fail=true")
         done = run(env, "wait", str(broken["id"]), "--timeout", "60", ok=(1,))
         assert done["status"] == "failed"
