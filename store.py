@@ -568,14 +568,16 @@ class Store:
                                   .values(progress=progress)).rowcount)
 
     def finish(self, job_id: int, attempt: int, status: str, *, exit_code: int | None = None,
-               error: str | None = None, result: Any = None) -> bool:
-        """running -> succeeded/failed/cancelled for this attempt only."""
+               error: str | None = None, result: Any = None, progress: dict[str, Any] | None = None) -> bool:
+        """running -> succeeded/failed/cancelled for this attempt only; `progress`, when given,
+        replaces the last progress in the same write."""
         assert status in FINAL
         t = now()
+        values: dict[str, Any] = {} if progress is None else {"progress": progress}
         with self.transaction() as c:
             n = c.execute(update(jobs).where(self._mine(job_id, attempt)).values(
                 status=status, exit_code=exit_code, error=error, result=result, finished_at=t,
-                updated_at=t, lease_expires_at=None)).rowcount
+                updated_at=t, lease_expires_at=None, **values)).rowcount
             if n:
                 self._event(c, job_id, status, error or f"exit code {exit_code}")
         return bool(n)

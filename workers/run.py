@@ -195,9 +195,16 @@ class WorkerContext:
                 os.close(int(fd))
             except (OSError, ValueError):
                 pass  # no supervisor listens (a run by hand): the lock alone frees the card
-        # For bench/card_idle.py: the card's part of the job ends here, not at `finished_at`.
-        self._write_progress({**(self._last_progress or {}), "card_released_at": self.card_released_at})
         _say("lab: card released; the rest of the job runs on the CPU")
+
+    def final_progress(self) -> dict[str, Any] | None:
+        """The progress the outcome's write records: the last one, with `card_released_at` for
+        bench/card_idle.py (the card's part of the job ended then, not at `finished_at`); None
+        when the card was not given back (the last progress stands). Not written at the release
+        itself: a store write there would meet the next job's start on the database's lock."""
+        if self.card_released_at is None:
+            return None
+        return {**(self._last_progress or {}), "card_released_at": self.card_released_at}
 
     def log(self, message: str) -> None:
         print(message.rstrip("\n"), flush=True)  # not _say: a kind that cannot log should know
@@ -527,7 +534,7 @@ def main(argv: list[str]) -> int:
             store.add_event(job_id, "waiting", f"{'pid ' + str(pid) if pid else 'another process'} "
                             "holds the GPU lock")
         # Per card, machine-wide, not per LAB_RUNS: another daemon's job or a foreground cuda run
-        # on this machine holds the same lock. Held until this process exits.
+        # on this machine holds the same lock. Held until this process exits or gives the card back.
         gpu_lock.acquire(on_wait=waiting)
     if not store.mark_started(job_id, attempt, os.getpid()):
         _say(f"lab: job {job_id} attempt {attempt} was taken away before it started")
@@ -552,7 +559,7 @@ def main(argv: list[str]) -> int:
         # whether or not a daemon watches (a lease sweep would requeue it).
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         keeper.done.set()
-        record_outcome(store, q, job_id, attempt, "failed", exit_code=code,
+        record_outcome(store, q, job_id, attempt, "failed", exit_code=code, progress=ctx.final_progress(),
                        error=f"exited with code {code}" + ("" if code else " without recording a result"))
         return code
     except Exception as e:
@@ -562,10 +569,12 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass  # a full disk: the store gets the reason below all the same
         keeper.done.set()
-        record_outcome(store, q, job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}")
+        record_outcome(store, q, job_id, attempt, "failed", exit_code=1, error=f"{type(e).__name__}: {e}",
+                       progress=ctx.final_progress())
         return 1
     keeper.done.set()
-    record_outcome(store, q, job_id, attempt, "succeeded", exit_code=0, result=result)
+    record_outcome(store, q, job_id, attempt, "succeeded", exit_code=0, result=result,
+                   progress=ctx.final_progress())
     _say(f"lab: job {job_id} succeeded")
     return 0
 
