@@ -236,8 +236,9 @@ class _Stack:
         depth = torch.tensor([d.depth for d in draws], device=device)
         offset = torch.tensor([float(d.offset) for d in draws], device=device)
         noise = None if draws[0].noise is None else torch.stack([d.noise for d in draws])
-        scale = torch.tensor([r.step_fn.scaler.get_scale() if r.step_fn.fp16 else 1.0 for r in runs],
-                             device=device)
+        # scaler.scale of a one: the scale as a tensor (1 when the scaler is off), and the
+        # scaler's lazy start, which its unscale_ and step need, as scaler.scale(loss) does it
+        scale = torch.stack([r.step_fn.scaler.scale(torch.ones((), device=device)) for r in runs])
         deepest, accum, forward = max(d.depth for d in draws), cfg.train.grad_accum, self.forward
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,

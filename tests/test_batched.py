@@ -152,10 +152,14 @@ def test_ablation_runs_grouped_when_configured(one_thread: None, monkeypatch: py
         _assert_same(train_and_eval(w), r, tol=1e-6)
 
 
-def test_a_stacked_step_moves_each_members_weights_as_its_own_step_would(one_thread: None) -> None:
+@pytest.mark.parametrize("scaler", [False, True], ids=["fp32", "grad-scaler"])
+def test_a_stacked_step_moves_each_members_weights_as_its_own_step_would(one_thread: None,
+                                                                        scaler: bool) -> None:
     """Sharper than the results: after a few steps every weight of every member is where its
     unbatched run puts it, and AdamW has stepped each weight as often (a block that a reasoner's
-    drawn depth skipped got no gradient, None and not zero, so AdamW left it alone)."""
+    drawn depth skipped got no gradient, None and not zero, so AdamW left it alone). With a
+    GradScaler on (CUDA fp16's path; here torch's CPU scaler, as no card is at hand), the stacked
+    gradients are scaled and unscaled as the unbatched backward's are."""
     import torch
 
     from harness.batched import _RngState, _Stack
@@ -165,17 +169,24 @@ def test_a_stacked_step_moves_each_members_weights_as_its_own_step_would(one_thr
     task = make_task(spec.task, None, seed=0)
     works = _work_items(spec, [arm_config(spec, arm, task) for arm in spec.arms], "cpu")
     cpu = torch.device("cpu")
+
+    def scaled(run: ArmRun) -> ArmRun:
+        if scaler:
+            run.step_fn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            run.step_fn.fp16 = True
+        return run
+
     for unit in stacks(works):
         alone = []
         for i in unit:
-            run = ArmRun(works[i])
+            run = scaled(ArmRun(works[i]))
             run.model.train()
             for _ in range(3):
                 run.advance(0.0)
             alone.append(run)
         runs, rngs = [], []
         for i in unit:
-            runs.append(ArmRun(works[i]))
+            runs.append(scaled(ArmRun(works[i])))
             runs[-1].model.train()
             rngs.append(_RngState.save(cpu))
         stack = _Stack(runs)
