@@ -336,8 +336,10 @@ def test_dashboard_in_a_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert len(driver.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")) == 5
         Select(driver.find_element(By.NAME, "status")).select_by_value("failed")  # submits on change
         wait_for(lambda: "status=failed" in driver.current_url, 5, "the filter to apply")
-        rows = driver.find_elements(By.CSS_SELECTOR, "#jobs tr[data-job]")
-        assert [r.get_attribute("data-job") for r in rows] == ["5"]
+        # the URL changes before the new page has replaced the old one's rows: read them in one
+        # script (as _read does), until the filtered page is the one in the window
+        listed = """return [...document.querySelectorAll('#jobs tr[data-job]')].map(r => r.dataset.job)"""
+        wait_for(lambda: driver.execute_script(listed) == ["5"], 5, "only the failed job listed")
         assert not _errors(driver)
         _shot(driver, shots, "jobs-failed")
         driver.get(base + "/jobs")
