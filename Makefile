@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m daemon.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
