@@ -227,10 +227,10 @@ class _Stack:
         TrainStep's backward gives them) and its unscaled loss / grad_accum, stacked."""
         runs, cfg = self.runs, self.runs[0].work.cfg
         device = torch.device(runs[0].work.device)
-        names = [n for n, _ in runs[0].model.named_parameters()]
-        params = {n: torch.stack([dict(r.model.named_parameters())[n].detach() for r in runs]) for n in names}
-        buffers = {n: torch.stack([dict(r.model.named_buffers())[n] for r in runs])
-                   for n, _ in runs[0].model.named_buffers()}
+        own = [dict(r.model.named_parameters()) for r in runs]
+        params = {n: torch.stack([o[n].detach() for o in own]) for n in own[0]}
+        own_buffers = [dict(r.model.named_buffers()) for r in runs]
+        buffers = {n: torch.stack([o[n] for o in own_buffers]) for n in own_buffers[0]}
         x = torch.stack([b[0] for b in batches])
         y = torch.stack([b[1] for b in batches])
         depth = torch.tensor([d.depth for d in draws], device=device)

@@ -162,11 +162,8 @@ class WorkerContext:
             "metrics": clean, "at": iso(wall),
             # epoch seconds: `at` has millisecond text; these are for timing the lane
             "step_at": wall, "first_step_at": self.first_step_at}
-        self._write_progress(self._last_progress)
-
-    def _write_progress(self, progress: dict[str, Any]) -> None:
         try:
-            self.store.set_progress(self.job_id, self.attempt, progress)
+            self.store.set_progress(self.job_id, self.attempt, self._last_progress)
         except Exception as e:  # a database blip must not kill a long run; the lease watchdog guards
             _say(f"lab: progress not recorded: {type(e).__name__}: {_first_line(e)}")
 
