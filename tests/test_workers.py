@@ -234,6 +234,7 @@ def test_a_training_lane_standby_preloads_torch_and_runs_a_smoke(queue, monkeypa
     store, env = queue
     monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
     monkeypatch.setenv("LAB_QUEUE_STANDBY_PRELOAD", "true")  # the suite's daemons run without it
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_FORK", "false")  # each standby preloads for itself
     pool = _pool(env)
     try:
         pool.expect("gpu", "smoke")

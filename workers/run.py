@@ -405,7 +405,7 @@ def _take_slot(slots: list[Path]) -> IO[str] | None:
     return None
 
 
-def preload(lane: str, q: config.QueueConfig, stop: threading.Event) -> None:
+def preload(lane: str, q: config.QueueConfig, stop: threading.Event, cuda: bool | None = None) -> None:
     """Everything a training job does before its first step that does not depend on the job:
     imports, torch's lazy first-use costs, the shipped sample's tokens, and (only if configured)
     the CUDA context. Errors are logged, never raised: the job meets the same fault itself and
@@ -416,8 +416,12 @@ def preload(lane: str, q: config.QueueConfig, stop: threading.Event) -> None:
     once, 3-4 CPU-seconds each, took the running job's CPU on 2 cores and stretched its own steps
     and evals, which is card time lost too. (A nice'd thread was tried: a job handed to a standby
     half-way through then waited for the rest at the lowest priority, 4 s once.)
+
+    `cuda`: make the CUDA context too; by default where QUEUE.standby_cuda_init says so (never
+    in a fork server: a forked child cannot use its parent's context).
     """
-    cuda = lane == "gpu" and q.standby_cuda_init
+    if cuda is None:
+        cuda = lane == "gpu" and q.standby_cuda_init
     # A slot per core but one (that one is the running job's): one at a time on 2 cores.
     runs = Path(config.paths().runs)
     slots = [runs / f"standby-preload.{i}.lock" for i in range(max(1, (os.cpu_count() or 2) - 1))]
@@ -475,14 +479,16 @@ def fresh_code(job_id: int, attempt: int, loaded: str, head: str) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "workers.run", str(job_id), str(attempt)])
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], watch: HeadWatch | None = None) -> int:
+    """`watch`: a forked standby's, taken by its fork server (workers.fork_server) before it
+    preloaded; a standby started with python takes its own."""
     q = config.queue_config()
     store = Store(config.paths().db, create=False)
     loaded = ""  # the commit a standby's code is from
     if argv and argv[0] == "--standby":
         # The commit the daemon saw before starting us, before any of our imports; checked now,
         # once, against git, and the watch taken: a commit meanwhile makes this standby stale.
-        watch = HeadWatch()
+        watch = watch if watch is not None else HeadWatch()
         loaded = os.environ.get(COMMIT_ENV) or watch.commit
         stale = watch.commit != loaded
         lane = "cpu" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else "gpu"
@@ -496,6 +502,10 @@ def main(argv: list[str]) -> int:
             # A thread, so a light job handed over meanwhile need not wait for torch's import; a
             # training job waits for the module in progress below (then imports the rest itself).
             loader = threading.Thread(target=preload, args=(lane, q, stop), name="preload", daemon=True)
+            loader.start()
+        elif os.environ.get(PRELOAD_ENV) == "forked" and lane == "gpu" and q.standby_cuda_init:
+            # Forked with everything but the CUDA context, which is per process.
+            loader = threading.Thread(target=_cuda_context, name="cuda-context", daemon=True)
             loader.start()
         got = standby(store)
         if got is None:
@@ -576,10 +586,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # The outcome is in the store and the kind has closed its files: run the atexit handlers and
-    # leave without the interpreter's teardown (~0.1 s, all of it dead time on the GPU lane).
+def leave(code: int) -> None:
+    """The outcome is in the store and the kind has closed its files: run the atexit handlers and
+    leave without the interpreter's teardown (~0.1 s, all of it dead time on the GPU lane)."""
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()
@@ -587,3 +596,7 @@ if __name__ == "__main__":
     except OSError:
         pass
     os._exit(code)
+
+
+if __name__ == "__main__":
+    leave(main(sys.argv[1:]))

@@ -33,6 +33,10 @@ from typing import Any
 
 import config
 from store import Store
+from workers.forked import EXIT_LOST, ForkedProcess, ForkServer
+
+# A job's process: started with python, or forked by its lane's fork server (workers.forked).
+JobProcess = subprocess.Popen | ForkedProcess
 
 # Written into the run dir by a job that stops itself (workers.run.LeaseKeeper.stop_self), for
 # this supervisor: the database may be what the job cannot reach, so its reason goes to a file.
@@ -94,7 +98,7 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
-def kill_group(proc: subprocess.Popen, grace: float) -> None:
+def kill_group(proc: JobProcess, grace: float) -> None:
     """SIGTERM to the group, up to `grace` seconds for all of it to end, then SIGKILL."""
     pgid = proc.pid
     try:
@@ -122,7 +126,7 @@ class ExitWaiter:
     wakes the moment the job writes "released" and calls `on_released` once, from the waiting
     thread: the card is free then, seconds of tail before the exit."""
 
-    def __init__(self, proc: subprocess.Popen, card_fd: int | None = None,
+    def __init__(self, proc: JobProcess, card_fd: int | None = None,
                  on_released: Callable[[], None] | None = None):
         self.proc = proc
         self.fd: int | None = None
@@ -180,6 +184,8 @@ class ExitWaiter:
 
 
 def describe_exit(rc: int) -> str:
+    if rc == EXIT_LOST:
+        return "ended; its exit status was lost with its fork server"
     if rc < 0:
         try:
             return f"killed by signal {signal.Signals(-rc).name}"
@@ -281,10 +287,11 @@ def standby_state_path(runs: Path, pid: int, state: str) -> Path:
 
 @dataclass
 class Standby:
-    proc: subprocess.Popen
+    proc: JobProcess
     commit: str  # HEAD when it was started, before it imported anything
-    heavy: bool  # preloads torch and the training modules
+    heavy: bool  # preloads torch and the training modules (or was forked with them loaded)
     card_fd: int | None = None  # the GPU lane's: the read end of its "card released" pipe
+    forked: bool = False  # by the lane's fork server: everything is loaded already
 
     def close_pipe(self) -> None:
         if self.card_fd is not None:
@@ -302,27 +309,76 @@ class ProcessPool:
     A standby's code is that of the commit it was started at: `warm` retires those whose commit
     is no longer HEAD (the scheduler calls it every heartbeat), and one handed a job after a
     commit re-executes itself before it starts, so a job never runs old code while its files
-    record the new commit. `head` is a parameter so a test can move HEAD without a git commit."""
+    record the new commit. `head` is a parameter so a test can move HEAD without a git commit.
+
+    A lane that trains forks its standbys from its fork server (workers.forked; one per lane and
+    commit, QUEUE.standby_fork): the preload is paid once per commit, not once per job, so short
+    jobs no longer outrun the supply. Until the server is ready the lane has light standbys."""
 
     def __init__(self, db: str, runs: Path, host: str, head: Callable[[], str] | None = None):
         self.db, self.runs, self.host = db, runs, host
         self.head = head if head is not None else Head()
         self._ready: dict[str, list[Standby]] = {}
-        self._retired: list[subprocess.Popen] = []  # stdin closed, not yet reaped
+        self._retired: list[JobProcess] = []  # stdin closed, not yet reaped
         self._pipes: dict[int, int] = {}  # pid of a handed-over GPU standby -> its card pipe's read end
         # The kinds of the lane's last jobs (or of its first queued one at start): whether its
         # next standbys preload torch.
         self._recent: dict[str, deque[str]] = {}
-        self._lock = threading.Lock()
+        # A lane that trains forks its standbys from a process that preloaded once per commit.
+        self._servers: dict[str, ForkServer] = {}
+        self._old_servers: list[ForkServer] = []  # retired, exiting once their children have
+        self._server_failed: dict[str, str] = {}  # lane -> the commit whose server died unready
+        self._lock = threading.RLock()
         self.closed = False
 
     def _spawn(self, lane: str, commit: str) -> Standby:
+        """A standby for `lane`: forked when the lane trains and its fork server is ready; else
+        started with python, preloading for itself only where there is no fork server to wait
+        for (QUEUE.standby_fork off), light otherwise (the server's forks replace it)."""
         heavy = self.wants_torch(lane)
+        with self._lock:
+            server = self._servers.get(lane)
+            if heavy and server is not None and server.commit == commit and server.ready.is_set():
+                try:
+                    proc, r = server.fork(card=lane == "gpu")
+                    return Standby(proc, commit, True, r, forked=True)
+                except OSError as e:  # it died or hangs: retired; standbys start with python meanwhile
+                    print(f"lab: the {lane} lane's fork server did not fork ({e}); starting a standby "
+                          "with python", file=sys.stderr)
+                    self._drop_server(lane)
+            forking = config.queue_config().standby_fork and self._server_failed.get(lane) != commit
+        preloading = heavy and not forking
         env = lane_env(lane, self.db, self.runs, self.host)
-        env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if heavy else "light"
+        env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if preloading else "light"
         with open(self.runs / "workers.log", "ab") as log:  # start-up errors before a job is assigned
             proc, r = start_job_process(["--standby"], env, log, subprocess.PIPE, lane == "gpu")
-        return Standby(proc, commit, heavy, r)
+        return Standby(proc, commit, preloading, r)
+
+    def _server(self, lane: str, head: str) -> ForkServer | None:
+        """The lane's fork server for `head`, started if there is none (it is ready some seconds
+        later and then tops the lane up); None when forking is off or the server for `head` died
+        before it was ready (standbys then start with python until HEAD moves)."""
+        if not config.queue_config().standby_fork:
+            return None
+        server = self._servers.get(lane)
+        if server is not None and (server.commit != head or not server.alive()):
+            self._drop_server(lane)
+            server = None
+        if server is None and self._server_failed.get(lane) != head and not self.closed:
+            env = lane_env(lane, self.db, self.runs, self.host)
+            env[COMMIT_ENV], env[PRELOAD_ENV] = head, "torch"
+            server = ForkServer(env, head, self.runs / "workers.log", on_ready=lambda: self._refill(lane))
+            self._servers[lane] = server
+        return server
+
+    def _drop_server(self, lane: str) -> None:
+        server = self._servers.pop(lane, None)
+        if server is None:
+            return
+        if not server.ready.is_set() and server.proc.poll() is not None:
+            self._server_failed[lane] = server.commit  # not again for this commit: it cannot load
+        server.retire()  # it exits once its children (running jobs among them) have
+        self._old_servers.append(server)
 
     @staticmethod
     def size(lane: str) -> int:
@@ -367,14 +423,22 @@ class ProcessPool:
         head = self.head()  # a git subprocess: outside the lock, and never on a job's start path
         with self._lock:
             self._retired = [p for p in self._retired if p.poll() is None]
+            self._old_servers = [s for s in self._old_servers if s.proc.poll() is None]
             ready = self._ready.setdefault(lane, [])
             heavy = self.wants_torch(lane)
+            if not heavy and lane in self._servers and self._servers[lane].commit != head:
+                self._drop_server(lane)  # kept while the lane runs light jobs, not past a commit
+            server = self._server(lane, head) if heavy else None
+            # A light standby on a lane that trains makes way once a loaded one can be had now.
+            loaded_now = heavy and (server is None or server.ready.is_set())
             keep = []
             for s in ready:
                 if s.proc.poll() is not None:
                     s.close_pipe()
                     continue
-                if s.commit != head or (heavy and not s.heavy):
+                # Forked by a server that is gone (died, retired): its exit status could be lost.
+                orphan = s.forked and getattr(s.proc, "server_pid", None) != (server and server.proc.pid)
+                if s.commit != head or (loaded_now and not s.heavy) or orphan:
                     self._retire(s)
                 else:
                     keep.append(s)
@@ -382,7 +446,7 @@ class ProcessPool:
             while not self.closed and len(ready) < self.size(lane):
                 ready.append(self._spawn(lane, head))
 
-    def take(self, job: dict[str, Any], log_path: Path) -> subprocess.Popen:
+    def take(self, job: dict[str, Any], log_path: Path) -> JobProcess:
         """A process running `job`: the oldest standby that preloaded what the job needs if one
         is alive, else the oldest, else a fresh one. The caller tops the pool up (`warm`) once
         the job is under way: a new python starting now would take CPU from this job's start."""
@@ -396,9 +460,9 @@ class ProcessPool:
                 else:
                     s.close_pipe()
             pick = None
-            if heavy:  # preloaded, then preloading, then waiting for a preload slot; oldest first
+            if heavy:  # forked or preloaded, then preloading, then waiting for a slot; oldest first
                 fit = [s for s in ready if s.heavy]
-                pick = max(fit, key=self._progress, default=None)
+                pick = max(fit, key=lambda s: 2 if s.forked else self._progress(s), default=None)
             if pick is None and ready:
                 pick = ready[0]
             if pick is not None:
@@ -425,7 +489,7 @@ class ProcessPool:
                 self._pipes[pick.proc.pid] = pick.card_fd
         return pick.proc
 
-    def card_pipe(self, proc: subprocess.Popen) -> int | None:
+    def card_pipe(self, proc: JobProcess) -> int | None:
         """The read end of the "card released" pipe of a process `take` returned (the caller
         owns it now), or None off the GPU lane."""
         with self._lock:
@@ -449,7 +513,14 @@ class ProcessPool:
     def close(self) -> None:
         with self._lock:
             self.closed = True
+            servers = [*self._servers.values(), *self._old_servers]
+            for server in servers:
+                server.retire()
+            self._servers, self._old_servers = {}, []
+            # The servers last: a forked standby's exit status comes from its server. Closing a
+            # server's stdin below makes it exit at once.
             procs = [s.proc for ready in self._ready.values() for s in ready] + self._retired
+            procs += [server.proc for server in servers]
             for s in (s for ready in self._ready.values() for s in ready):
                 s.close_pipe()
             for fd in self._pipes.values():
@@ -512,7 +583,7 @@ def _open_log(run_dir: Path, line: str) -> None:
         os.close(fd)
 
 
-def _watch(store: Store, job: dict[str, Any], proc: subprocess.Popen, ended: ExitWaiter,
+def _watch(store: Store, job: dict[str, Any], proc: JobProcess, ended: ExitWaiter,
            q: config.QueueConfig, stop_deadline: Callable[[], float | None]) -> tuple[str, str] | None:
     """Watch the attempt until its process exits: renew the lease, and stop its group on a
     cancel, a timeout, a lost lease or a shutdown past the deadline; returns (status, reason)
