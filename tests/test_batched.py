@@ -41,6 +41,12 @@ def _works() -> list[Work]:
     return list(_work_tuple())
 
 
+@functools.cache  # the unbatched reference run of one of _works(): the tests only read it
+def _alone(index: int) -> WorkResult:
+    """train_and_eval of _works()[index], made once (callers run under `one_thread`)."""
+    return train_and_eval(_work_tuple()[index])
+
+
 def _assert_same(a: WorkResult, b: WorkResult, tol: float) -> None:
     assert (a.arm_index, a.seed, a.steps) == (b.arm_index, b.seed, b.steps)
     assert math.isclose(a.final_loss, b.final_loss, rel_tol=tol, abs_tol=tol)
@@ -62,7 +68,7 @@ def test_group_matches_the_unbatched_path_per_seed(one_thread: None, monkeypatch
     works = _works()
     assert {(w.arm_name, w.seed) for w in works} == {(a, s) for a in ("refiner", "flat-1") for s in (0, 1)}
     assert stacks(works) == ([[0, 1], [2, 3]] if stack else [[0], [1], [2], [3]])
-    alone = [train_and_eval(w) for w in works]
+    alone = [_alone(i) for i in range(len(works))]
     grouped = train_group(works, threads=1)
     for a, b in zip(alone, grouped, strict=True):
         _assert_same(a, b, tol=1e-5 if stack else 1e-6)
@@ -142,14 +148,15 @@ def test_ablation_runs_grouped_when_configured(one_thread: None, monkeypatch: py
     gives the same results as each Work trained alone."""
     assert use_batched("cuda") and use_batched("cpu") == config.ABLATION.batched_cpu
     monkeypatch.setattr(config, "ABLATION", dataclasses.replace(config.ABLATION, batched_cpu=True))
-    works = [w for w in _works() if w.seed == 1]
+    picked = [i for i, w in enumerate(_works()) if w.seed == 1]
+    works = [_works()[i] for i in picked]
     ctx = _Ctx()
     results = _run_all(works, parse_spec(SPEC), ctx)
     assert any(line.startswith("grouped: 2 (arm, seed) runs in one process") for line in ctx.lines)
     assert sum(line.startswith("done ") for line in ctx.lines) == 2
     assert ctx.progress_calls[-1] == (12, 12)  # 2 runs x 6 steps, and the last report says done
-    for w, r in zip(works, results, strict=True):
-        _assert_same(train_and_eval(w), r, tol=1e-6)
+    for i, r in zip(picked, results, strict=True):
+        _assert_same(_alone(i), r, tol=1e-6)
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["fp32", "grad-scaler"])

@@ -231,10 +231,12 @@ def test_after_a_commit_jobs_run_the_new_code(tmp_path: Path, daemons) -> None:
     assert f"code of commit {first}" not in text
 
 
+@pytest.mark.parametrize("env", ["sqlite"], indirect=True)
 def test_the_next_gpu_job_starts_while_the_last_one_finishes_off_the_card(env, daemons) -> None:
     """A smoke gives the card back after its final eval: the next GPU job is claimed and started
     then, before the first has drawn curves.png and recorded its result; yet never before the
-    first gave the card (and its GPU lock) back."""
+    first gave the card (and its GPU lock) back. A claim about scheduling, run on SQLite; the SQL
+    it rests on (claim_next's `released`) is tested on each backend in tests/test_store.py."""
     store = Store(env["LAB_DB"])
     ids = [service.submit("smoke", {"steps": 40}, lane="gpu")["id"] for _ in range(2)]
     daemons.append(start_daemon(env, "--lanes", "gpu"))

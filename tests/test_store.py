@@ -65,6 +65,18 @@ def test_gpu_claim_one_per_host(store: Store, tmp_path: Path) -> None:
     assert store.claim_next("gpu", "d2", "h1", tmp_path, 30)["id"] == c
 
 
+def test_gpu_claim_passes_only_the_jobs_that_gave_the_card_back(store: Store, tmp_path: Path) -> None:
+    """`released`: a running GPU job whose process said it gave the card back does not hold the
+    host's card for the daemon that was told; one not named still does (the SQL behind the
+    off-the-card hand-over, tests/test_scheduler.py, on each backend)."""
+    a, b, c = add(store, "gpu"), add(store, "gpu"), add(store, "gpu")
+    assert store.claim_next("gpu", "d1", "h1", tmp_path, 30)["id"] == a
+    assert store.claim_next("gpu", "d1", "h1", tmp_path, 30, released=[b]) is None  # not a's
+    assert store.claim_next("gpu", "d1", "h1", tmp_path, 30, released=[a])["id"] == b
+    assert store.claim_next("gpu", "d1", "h1", tmp_path, 30, released=[a]) is None  # b holds it now
+    assert store.claim_next("gpu", "d1", "h1", tmp_path, 30, released=[a, b])["id"] == c
+
+
 def test_transitions_are_fenced_by_attempt(store: Store, tmp_path: Path) -> None:
     job_id = add(store)
     store.claim_next("cpu", "me", "h", tmp_path, 30)
