@@ -84,7 +84,7 @@ def _no_daemon(store: Store) -> list[dict[str, Any]]:
 
 
 def _disk(store: Store) -> list[dict[str, Any]]:
-    from daemon.scheduler import disk_status
+    from daemon.disk import disk_status
 
     disk = disk_status(Path(config.paths().runs).expanduser().resolve(), config.queue_config())
     if disk["ok"]:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -55,6 +54,7 @@ from huey.api import Huey
 from huey.consumer import Consumer
 
 import config
+from daemon.disk import disk_status
 from daemon.pipeline import advance as advance_pipelines
 from store import Store, db_url
 from workers.supervise import ProcessPool, run_job
@@ -88,17 +88,6 @@ def queue_name(daemon_id: str, lane: str) -> str:
 class _Consumer(Consumer):
     def _set_signal_handlers(self) -> None:
         pass  # the daemon owns SIGTERM/SIGINT (and runs two consumers in one process)
-
-
-def disk_status(runs: Path, q: config.QueueConfig) -> dict[str, Any]:
-    runs.mkdir(parents=True, exist_ok=True)
-    free_gb = shutil.disk_usage(runs).free / 1e9
-    ok = free_gb >= q.disk_min_free_gb
-    reason = None if ok else (
-        f"disk guard: {free_gb:.2f} GB free under {runs} < {q.disk_min_free_gb:g} GB "
-        "(QUEUE.disk_min_free_gb, LAB_QUEUE_DISK_MIN_FREE_GB); no new job starts on the GPU or the CPU lane")
-    return {"path": str(runs), "free_gb": round(free_gb, 2), "min_free_gb": q.disk_min_free_gb,
-            "ok": ok, "reason": reason}
 
 
 class Stoppable(Protocol):

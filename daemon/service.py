@@ -160,7 +160,7 @@ def summary(job: dict[str, Any]) -> dict[str, Any]:
 
 def status(store: Store | None = None) -> dict[str, Any]:
     """What runs, what waits, progress and ETA, the daemons, the disk guard."""
-    from daemon.scheduler import disk_status  # huey import only where status is asked for
+    from daemon.disk import disk_status
 
     store = store or open_store()
     q = config.queue_config()

@@ -15,7 +15,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 VERDICTS = ("better", "worse", "inconclusive")
 
@@ -41,6 +40,10 @@ def t_interval(values: list[float] | np.ndarray, confidence: float) -> Interval:
     # a spread at rounding level (0.9 - 0.8 vs 0.8 - 0.7) is no spread: it has no information
     if n < 2 or np.ptp(x) <= 1e-9:
         return Interval(mean, float("nan"), float("nan"), n)
+    # Imported here: scipy.stats takes ~1 s to import, and everything that validates an
+    # ablation spec (lab submit, lab show, the daemon's admission) imports this module.
+    from scipy import stats
+
     sem = float(stats.sem(x))
     low, high = stats.t.interval(confidence, df=n - 1, loc=mean, scale=sem)
     p = float(2 * stats.t.sf(abs(mean) / sem, df=n - 1))

@@ -366,7 +366,7 @@ def _sample_data() -> None:
 # a standby of a lane that trains before it is handed a job, in the order a plain training run
 # or smoke needs it, so a job that comes half-way finds the first part done. Measured on 2
 # cores: torch ~1.7 s, its first optimizer ~1 s, matplotlib with its first draw ~0.5 s (a run
-# draws curves.png after its last step: card time too), harness (scipy.stats) ~0.9 s.
+# draws curves.png after its last step: card time too), scipy.stats (the harness's) ~0.9 s.
 PRELOAD: tuple[tuple[str, Callable[[], object]], ...] = (
     *((m, lambda m=m: importlib.import_module(m)) for m in (
         "numpy", "torch", "models", "models.step", "models.data", "models.train", "jobs.train",
@@ -375,8 +375,8 @@ PRELOAD: tuple[tuple[str, Callable[[], object]], ...] = (
     ("the sample data", _sample_data),
     ("matplotlib", _warm_plots),
     *((m, lambda m=m: importlib.import_module(m)) for m in (
-        "harness.stats", "harness.tasks", "harness.ablate", "harness.train_task", "harness.batched",
-        "harness.plot", "jobs.eval", "jobs.ablation")),
+        "harness.stats", "scipy.stats", "harness.tasks", "harness.ablate", "harness.train_task",
+        "harness.batched", "harness.plot", "jobs.eval", "jobs.ablation")),
 )
 
 
