@@ -483,6 +483,11 @@ def default_arch() -> str:
     return arch
 
 
+def with_budget(cfg: Config, **train_overrides: Any) -> Config:
+    """cfg with some train settings replaced (validated)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_overrides))
+
+
 def preset(name: str, arch: str | None = None, /, **overrides: Any) -> Config:
     """Build the named preset for `arch`, with overrides by bare key (`d_model=128`) or dotted
     key (`model.d_model`). Every error is a one-line ConfigError naming the field."""

@@ -70,8 +70,8 @@ class Spec(Validated):
 def smoke_config(spec: Spec) -> config.Config:
     """The spec's config with a smoke budget: `steps` steps, one eval at the end, a warmup
     short enough that the learning rate is reached, the loss logged every step."""
+    from config import with_budget
     from jobs.train import resolve_config
-    from models.train import with_budget
 
     cfg = resolve_config(spec)
     t = cfg.train
@@ -157,12 +157,12 @@ def smoked_arms(spec: Spec, ablation: Any) -> list[Any]:
 
 def check_arms(spec: Spec, ctx: Any) -> dict[str, Any]:
     """Train each arm `steps` steps and judge it; never raises for a failed check."""
+    from config import with_budget
     from harness.ablate import arm_config
     from harness.tasks import make_task
     from harness.train_task import ArmRun, Work
     from models import count_params
     from models.step import TrainingDiverged
-    from models.train import with_budget
 
     started = time.monotonic()
     ablation = ablation_spec(spec)

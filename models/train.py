@@ -25,7 +25,6 @@ import platform
 import random
 import resource
 import time
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -475,6 +474,3 @@ def write_curves(run_dir: Path, ctx: Any) -> Path | None:
         return None
 
 
-def with_budget(cfg: Config, **train_overrides: Any) -> Config:
-    """cfg with some train settings replaced (validated)."""
-    return replace(cfg, train=replace(cfg.train, **train_overrides))

@@ -367,3 +367,19 @@ def test_wait_with_no_daemon_says_so_and_exits_3(store: Store) -> None:
     pinned = json.loads(lab("submit", "sleep", "--lane", "cpu", "--host", "other-host", "--json")[1])["id"]
     code, _, err = lab("wait", str(pinned))
     assert code == 3 and "no daemon is alive for lane cpu on host 'other-host'" in err
+
+
+def test_the_read_commands_load_neither_torch_nor_scipy(store: Store) -> None:
+    """`lab show`, `lab logs` and `lab status` of a smoke and of an ablation in a fresh process:
+    an agent calls them all day, and torch (~2 s) or scipy.stats (~1 s) made each take seconds."""
+    import subprocess
+    import sys
+
+    smoke = service.submit("smoke", {"steps": 5}, lane="gpu")["id"]
+    ablation = service.submit("ablation", {"control": "positive"}, lane="cpu")["id"]
+    code = ("import sys; from daemon import service; "
+            f"[service.show(i) and service.logs(i) for i in ({smoke}, {ablation})]; service.status(); "
+            "bad = sorted({'torch', 'scipy.stats', 'huey'} & set(sys.modules)); assert not bad, bad")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
