@@ -22,6 +22,7 @@ child (OpenBLAS's pthread_atfork handlers).
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -70,6 +71,10 @@ def serve() -> int:
         gpu_lock.lock_path()  # names the card once (nvidia-smi) for every child
     if not _preload(lane):
         return 0
+    # Every object loaded so far moves out of the collector's reach: a collection in a child would
+    # otherwise write to all of them (gc headers) and copy each page the fork shared.
+    gc.collect()
+    gc.freeze()
     if threading.active_count() != 1:  # a python thread's locks would be held forever in a child
         _say(f"{threading.active_count()} python threads after the preload (forking assumes one)")
     wake_r, wake_w = os.pipe()
