@@ -55,6 +55,7 @@ def _child(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWa
         os.dup2(stdin_r, 0)
         os.close(stdin_r)
         if card:
+            os.set_inheritable(card[0], True)  # as Popen's pass_fds: it survives a re-exec (fresh_code)
             os.environ[CARD_FD_ENV] = str(card[0])
         os.environ[PRELOAD_ENV] = "forked"
         code = run.main(["--standby"], watch=watch)

@@ -114,7 +114,6 @@ class ForkServer:
                  on_ready: Callable[[], None] | None = None):
         self.commit = commit
         self.ready = threading.Event()
-        self.started = time.monotonic()
         self._lock = threading.Lock()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(env, **{SOCKET_FD_ENV: str(theirs.fileno())})
@@ -175,7 +174,7 @@ class ForkServer:
                 except OSError:
                     self._close_sock()
                     raise
-            pid = int(said)
+            pid = int(said) if said.strip().lstrip(b"-").isdigit() else -1
             if pid <= 0:
                 raise OSError("the fork server could not fork")
         except BaseException:
