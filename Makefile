@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m daemon.demo
 
+# Two pytest workers (pytest-xdist): much of the suite waits on daemons, subprocesses and polls,
+# so two at a time fill 2 cores better than one (on 2 cores: ~820 -> ~560 s). `make test
+# TEST_WORKERS=0` runs it serially, TEST_WORKERS=auto one per core.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
