@@ -514,11 +514,16 @@ def test_a_spent_rate_limit_pauses_the_poller_and_it_resumes_after_the_reset(wor
     ahead. The count the bridge last saw stays 0 after the reset; it must ask GET /rate_limit
     (free) instead of pausing until a time already past, forever, as it used to."""
     gh = world.gh
-    gh.rate_remaining, gh.rate_reset = 0, time.time() + 3.0  # spent; the window ends in 3 s
+    world.daemon(with_github=True, LAB_GITHUB_POLL="1")
+    # Spent once the bridge polls (a daemon's start takes seconds on a loaded box; the window
+    # must not end before its first request), the window ending 3 s later.
+    wait_for(lambda: gh.requests, 60, "the bridge's first request")
+    with gh.lock:
+        spent_at = time.time()
+        gh.rate_remaining, gh.rate_reset = 0, spent_at + 3.0
     reset = int(gh.rate_reset) + 1  # what X-RateLimit-Reset says
     issues = [gh.open_issue(f"rate {i}", spec_body('kind = "sleep"\nseconds = 0.1'), ("cpu",), user="alice")
               for i in range(3)]
-    world.daemon(with_github=True, LAB_GITHUB_POLL="1")
 
     def answered() -> bool:
         jobs = world.jobs()
@@ -530,7 +535,7 @@ def test_a_spent_rate_limit_pauses_the_poller_and_it_resumes_after_the_reset(wor
     posted = max(gh.comments[c["id"]]["created_at"] for c in results)
     print(f"\nthe last result came {posted - reset:.1f} s after the reset")
     assert posted < reset + 10, f"the last result came {posted - reset:.1f} s after the reset"
-    early = [r for r in gh.requests if r.at < reset]
+    early = [r for r in gh.requests if spent_at <= r.at < reset]
     assert early and all(r.status == 403 or r.path == "/rate_limit" for r in early)  # paused meanwhile
     assert gh.count("GET", r"^/rate_limit$") >= 1
     log = (world.tmp / "daemon-0.log").read_text()
