@@ -95,8 +95,7 @@ def serve() -> int:
         if 0 in readable and not os.read(0, 64):
             return 0  # the daemon is gone: exit now (the children are re-parented)
         if wake_r in readable:
-            os.read(wake_r, 512)
-            _reap(children)
+            os.read(wake_r, 512)  # a SIGCHLD: reaped below, with any child that ended meanwhile
         if sock.fileno() in readable and not retiring:
             try:
                 msg, fds, _, _ = socket.recv_fds(sock, 16, 4)

@@ -346,8 +346,7 @@ class ProcessPool:
                     print(f"lab: the {lane} lane's fork server did not fork ({e}); starting a standby "
                           "with python", file=sys.stderr)
                     self._drop_server(lane)
-            forking = config.queue_config().standby_fork and self._server_failed.get(lane) != commit
-        preloading = heavy and not forking
+            preloading = heavy and not self._can_fork(lane, commit)
         env = lane_env(lane, self.db, self.runs, self.host)
         env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if preloading else "light"
         with open(self.runs / "workers.log", "ab") as log:  # start-up errors before a job is assigned
@@ -364,12 +363,16 @@ class ProcessPool:
         if server is not None and (server.commit != head or not server.alive()):
             self._drop_server(lane)
             server = None
-        if server is None and self._server_failed.get(lane) != head and not self.closed:
+        if server is None and self._can_fork(lane, head) and not self.closed:
             env = lane_env(lane, self.db, self.runs, self.host)
             env[COMMIT_ENV], env[PRELOAD_ENV] = head, "torch"
             server = ForkServer(env, head, self.runs / "workers.log", on_ready=lambda: self._refill(lane))
             self._servers[lane] = server
         return server
+
+    def _can_fork(self, lane: str, commit: str) -> bool:
+        """Forking is on, and the lane's server for `commit` has not died before it was ready."""
+        return config.queue_config().standby_fork and self._server_failed.get(lane) != commit
 
     def _drop_server(self, lane: str) -> None:
         server = self._servers.pop(lane, None)
