@@ -96,7 +96,7 @@ def idle_part(rehearse: bool) -> tuple[bool, str]:
     cmd = ["bench/card_idle.py", "--jobs", "3"] if rehearse else ["bench/card_idle.py", "--cuda-preinit"]
     rc, line = last_line(cmd, 600)
     print(f"[idle] {line} (exit {rc})", flush=True)
-    return rc == 0, line.removeprefix("card_idle_median_s: ") + " s"
+    return rc == 0, line.removeprefix("card_idle_median_s: ") + " (seconds)"
 
 
 def matmul_tflops(device: str, n: int) -> float:

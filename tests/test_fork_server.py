@@ -17,6 +17,12 @@ from store import Store
 from workers.forked import EXIT_LOST, ForkedProcess
 from workers.supervise import ProcessPool, describe_exit, run_job
 
+# Two arms of one seed each, four steps: the seed pool's two processes, not what they learn.
+ABLATION = {"task": "khop", "seeds": 1, "why": "a test", "steps": 4, "eval_examples": 20, "eval_depths": [1],
+            "baseline": "flat-1", "primary": "test",
+            "arms": [{"name": "flat-1", "arch": "reasoner", "n_steps": 1, "set": {"d_model": 16}},
+                     {"name": "flat-2", "arch": "reasoner", "n_steps": 2, "set": {"d_model": 16}}]}
+
 
 @pytest.fixture
 def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Store, dict[str, str]]:
@@ -86,6 +92,15 @@ def test_forked_standbys_run_jobs_and_a_new_commit_retires_their_server(queue) -
         assert workers_log.count("preloaded torch in") == 1  # the server's, once
         assert f"fork server pid {old.proc.pid}: ready" in workers_log
         assert "python threads after the preload" not in workers_log  # it forks with one
+
+        # An ablation's seeds run in child processes of the job (multiprocessing's own fork
+        # server, harness/ablate.py): that works from a forked standby too.
+        forks = {s.proc.pid for s in _forked(pool, "gpu", 1)}
+        row, outcome = _run(store, env, pool, "ablation", ABLATION)
+        assert outcome == "succeeded", row["error"]
+        assert row["pid"] in forks and row["result"]["verdict"] in ("better", "worse", "inconclusive")
+        log = (Path(row["run_dir"]) / "log.txt").read_text()
+        assert "done flat-2 seed 0" in log and "grouped:" not in log  # the pool's path, not in-process
 
         row, outcome = _run(store, env, pool, "sleep", {"seconds": 0.1, "exit_code": 3})
         assert (outcome, row["exit_code"], row["error"]) == ("failed", 3, "exited with code 3")
