@@ -23,10 +23,11 @@ def _compile_works() -> str | None:
 
 
 def _losses(compile_: bool, arch: str, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
-    # One depth of one pass, so the compiled run compiles one small graph (each new depth is a
-    # recompile): the loop, the gate and the time signal still go through the compiler.
+    # One depth of one pass and no prelude block, so the compiled run compiles one small graph
+    # (each new depth is a recompile; the prelude's Block is the shared one's code again, ~12 s
+    # more of inductor here): the loop, the gate and the time signal still go through the compiler.
     cfg = config.preset("tiny", arch, block_size=16, batch_size=2, d_model=16, n_heads=2, warmup_steps=0,
-                        depth_min=1, depth_max=1, depth_eval=1, backprop_steps=1, n_layers=1,
+                        depth_min=1, depth_max=1, depth_eval=1, backprop_steps=1, n_layers=1, n_prelude=0,
                         compile=compile_)
     torch.manual_seed(0)
     model = build_model(cfg).train()
