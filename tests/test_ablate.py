@@ -134,9 +134,11 @@ def test_negative_control_end_to_end(tmp_path):
     """The real CLI in a real process: trains 2 identical arms x 3 seeds in seed processes and
     must not find a difference. Also checks the files and the summary an agent reads."""
     env = {**os.environ, "LAB_RUNS": str(tmp_path)}
-    # 50 steps, not the shipped 100: what is checked here (identical arms -> inconclusive, the
-    # files, the summary) does not depend on how far the arms learn, and it halves the training.
-    proc = subprocess.run([LAB, "ablate", "--control", "negative", "--set", "steps=50", "--json"],
+    # 25 steps, not the shipped 100: what is checked here (identical arms -> inconclusive, the
+    # files, the summary) does not depend on how far the arms learn (at 25 steps: 0.315 against
+    # 0.310, paired +0.005 [-0.110, +0.120]; 24.9 s against 33.4 s at 50 steps, alone on 2 cores).
+    # The control's calibration at its shipped budget is bench/controls.py's, not this test's.
+    proc = subprocess.run([LAB, "ablate", "--control", "negative", "--set", "steps=25", "--json"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)
