@@ -708,6 +708,12 @@ class QueueConfig(Validated):
     # (store read, GPU lock, mark started: ~10 ms) to itself: no new standby (a python start-up
     # takes a core), no pid or heartbeat write (two writers make one wait on SQLite's lock).
     handover_seconds: float = setting(0.05, 0.0, 10.0, "after a hand-over: no standby start or store write")
+    # A training job's start goes on past that: data, model, its baseline eval, its first steps
+    # (on a card, also its CUDA context). A standby forked or started meanwhile took a core from
+    # it: on 2 cores the baseline eval took 0.07-0.17 s instead of 0.065-0.08 s, and the card idled
+    # 0.25-0.28 s between 40-step smokes instead of ~0.20 s (bench/card_idle.py).
+    handover_train_seconds: float = setting(0.5, 0.0, 60.0, "after handing over a training job: no "
+                                            "standby start on its lane for this long")
     # The GitHub bridge (bridge/github.py); each can be overridden by LAB_QUEUE_<FIELD> (upper case).
     github_timeout_seconds: int = setting(15, 1, 300, "per request; a POST that times out is ambiguous")
     github_backoff_seconds: float = setting(2.0, 0.0, 3600.0, "first retry delay of an outbox row; doubles")

@@ -191,6 +191,25 @@ def test_the_pool_retires_standbys_of_an_older_commit(queue, monkeypatch) -> Non
         pool.close()
 
 
+def test_after_a_training_jobs_hand_over_its_lane_starts_no_standby_for_a_while(queue, monkeypatch) -> None:
+    """A training job's start (data, model, baseline eval) has the cores to itself for
+    QUEUE.handover_train_seconds: the heartbeat's `warm` in that window starts no standby, the
+    hand-over's own refill then tops the lane up (a light job's window is handover_seconds)."""
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    monkeypatch.setenv("LAB_QUEUE_HANDOVER_TRAIN_SECONDS", "1.5")
+    pool = _pool(env)
+    try:
+        t0 = time.monotonic()
+        pool.refill("gpu", training=True)  # as run_job does once it has handed a smoke over
+        pool.warm("gpu")  # the heartbeat's, inside the window
+        assert pool._ready.get("gpu", []) == []
+        wait_for(lambda: len(pool._ready.get("gpu", [])) == 1, 20, "the refill after the window")
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        pool.close()
+
+
 def test_a_stale_standby_runs_its_job_as_a_fresh_process(queue, monkeypatch) -> None:
     """A standby started before a commit and handed a job after it (before the pool's next warm)
     re-executes itself: same pid, which the supervisor watches on, and the new code runs."""

@@ -328,6 +328,7 @@ class ProcessPool:
         self._servers: dict[str, ForkServer] = {}
         self._old_servers: list[ForkServer] = []  # retired, exiting once their children have
         self._server_failed: dict[str, str] = {}  # lane -> the commit whose server died unready
+        self._quiet_until: dict[str, float] = {}  # lane -> no standby start before (monotonic)
         self._lock = threading.RLock()
         self.closed = False
 
@@ -420,9 +421,11 @@ class ProcessPool:
             pass
         self._retired.append(standby.proc)
 
-    def warm(self, lane: str) -> None:
+    def warm(self, lane: str, after_handover: bool = False) -> None:
         """Top the lane up to its size, first retiring standbys of an older commit and, when the
-        lane now trains, light ones (they would import torch only once handed a job)."""
+        lane now trains, light ones (they would import torch only once handed a job). Within a
+        hand-over's quiet time (`refill`) it only retires, unless it is that refill's own call
+        (`after_handover`)."""
         head = self.head()  # a git subprocess: outside the lock, and never on a job's start path
         with self._lock:
             self._retired = [p for p in self._retired if p.poll() is None]
@@ -446,6 +449,8 @@ class ProcessPool:
                 else:
                     keep.append(s)
             ready[:] = keep
+            if not after_handover and time.monotonic() < self._quiet_until.get(lane, 0.0):
+                return
             while not self.closed and len(ready) < self.size(lane):
                 ready.append(self._spawn(lane, head))
 
@@ -498,18 +503,24 @@ class ProcessPool:
         with self._lock:
             return self._pipes.pop(proc.pid, None)
 
-    def refill(self, lane: str) -> None:
+    def refill(self, lane: str, training: bool = False) -> None:
         """`warm` a little later, in a thread of its own: after a hand-over, once the job's start
-        (store read, GPU lock, mark started) is past, so a new python's start-up takes no CPU
-        from it; the supervisor's thread goes back to watching at once."""
-        delay = config.queue_config().handover_seconds
-        timer = threading.Timer(delay, self._refill, args=(lane,))
+        is past (store read, GPU lock, mark started: QUEUE.handover_seconds; for a training job
+        also its data, model and baseline eval: QUEUE.handover_train_seconds), so a new
+        standby's start takes no CPU from it. Until then the lane's other refills (the
+        heartbeat's `warm`, a fork server coming ready) start none either; `take` still starts
+        one when no standby is left. The supervisor's thread goes back to watching at once."""
+        q = config.queue_config()
+        delay = max(q.handover_seconds, q.handover_train_seconds) if training else q.handover_seconds
+        with self._lock:
+            self._quiet_until[lane] = max(self._quiet_until.get(lane, 0.0), time.monotonic() + delay)
+        timer = threading.Timer(delay, self._refill, args=(lane, True))
         timer.daemon = True
         timer.start()
 
-    def _refill(self, lane: str) -> None:
+    def _refill(self, lane: str, after_handover: bool = False) -> None:
         try:
-            self.warm(lane)
+            self.warm(lane, after_handover)
         except Exception as e:  # no process now (EAGAIN): the next take starts a fresh one
             print(f"lab: could not start a standby for lane {lane}: {e}", file=sys.stderr)
 
@@ -676,7 +687,7 @@ def run_job(store: Store, job: dict[str, Any], *, db: str, runs: Path, host: str
     except OSError as e:  # no process (EAGAIN, ENOMEM), or the log went away meanwhile
         return could_not_start(store, job, f"cannot start the job process: {e.strerror or e}")
     if pool is not None:
-        pool.refill(job["lane"])
+        pool.refill(job["lane"], training=job["kind"] in TRAINING_KINDS)
     ended = ExitWaiter(proc, card_fd, on_card_released)
     try:
         ended_by = _watch(store, job, proc, ended, q, stop_deadline)
