@@ -421,11 +421,10 @@ class ProcessPool:
             pass
         self._retired.append(standby.proc)
 
-    def warm(self, lane: str, after_handover: bool = False) -> None:
+    def warm(self, lane: str) -> None:
         """Top the lane up to its size, first retiring standbys of an older commit and, when the
         lane now trains, light ones (they would import torch only once handed a job). Within a
-        hand-over's quiet time (`refill`) it only retires, unless it is that refill's own call
-        (`after_handover`)."""
+        hand-over's quiet time (`refill`) it only retires."""
         head = self.head()  # a git subprocess: outside the lock, and never on a job's start path
         with self._lock:
             self._retired = [p for p in self._retired if p.poll() is None]
@@ -449,7 +448,7 @@ class ProcessPool:
                 else:
                     keep.append(s)
             ready[:] = keep
-            if not after_handover and time.monotonic() < self._quiet_until.get(lane, 0.0):
+            if time.monotonic() < self._quiet_until.get(lane, 0.0):
                 return
             while not self.closed and len(ready) < self.size(lane):
                 ready.append(self._spawn(lane, head))
@@ -512,15 +511,15 @@ class ProcessPool:
         one when no standby is left. The supervisor's thread goes back to watching at once."""
         q = config.queue_config()
         delay = max(q.handover_seconds, q.handover_train_seconds) if training else q.handover_seconds
-        with self._lock:
+        with self._lock:  # set before the timer starts, so its own warm comes after the window
             self._quiet_until[lane] = max(self._quiet_until.get(lane, 0.0), time.monotonic() + delay)
-        timer = threading.Timer(delay, self._refill, args=(lane, True))
+        timer = threading.Timer(delay, self._refill, args=(lane,))
         timer.daemon = True
         timer.start()
 
-    def _refill(self, lane: str, after_handover: bool = False) -> None:
+    def _refill(self, lane: str) -> None:
         try:
-            self.warm(lane, after_handover)
+            self.warm(lane)
         except Exception as e:  # no process now (EAGAIN): the next take starts a fresh one
             print(f"lab: could not start a standby for lane {lane}: {e}", file=sys.stderr)
 
