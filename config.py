@@ -699,9 +699,10 @@ class QueueConfig(Validated):
     standby_preload: bool = setting(True, doc="a lane that runs training jobs gets standbys with torch, "
                                     "the models and the sample loaded (~3.5 CPU-s each, beside the running "
                                     "job); off: standbys import only the queue's own code")
-    standby_fork: bool = setting(True, doc="a training lane's standbys are forked from one process per "
-                                 "commit that preloaded once (workers.fork_server: ms each, not ~3.5 CPU-s); "
-                                 "off: each standby preloads for itself")
+    standby_fork: bool = setting(True, doc="a lane's standbys are forked from one process per commit "
+                                 "(workers.fork_server: ms each, not ~3.5 CPU-s where the lane trains and "
+                                 "the server preloaded torch once, ~0.35 elsewhere); off: each standby is "
+                                 "a python of its own")
     standby_cuda_init: bool = setting(False, doc="GPU-lane standbys make their CUDA context ahead of "
                                       "time (VRAM per standby: ~0.3-0.5 GiB beside the running job)")
     # For this long after handing a job to its process the supervisor leaves the job's start

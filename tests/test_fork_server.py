@@ -114,11 +114,13 @@ def test_forked_standbys_run_jobs_and_a_new_commit_retires_their_server(queue) -
         proc = pool.take(job, Path(job["run_dir"]) / "log.txt")
         assert isinstance(proc, ForkedProcess) and proc.server_pid == old.proc.pid
         head[0] = "f" * 40
-        pool.warm("gpu")  # the lane's last jobs were light: no new server yet, the old one retired
-        assert "gpu" not in pool._servers
+        pool.warm("gpu")  # the lane's last jobs were light: a light server for the new commit
+        light = pool._servers["gpu"]
+        assert light is not old and light.commit == "f" * 40 and not light.heavy
         pool.expect("gpu", "smoke")
-        pool.warm("gpu")
-        assert pool._servers["gpu"] is not old and pool._servers["gpu"].commit == "f" * 40
+        pool.warm("gpu")  # now it trains again: a server that preloads replaces the light one
+        assert pool._servers["gpu"] not in (old, light) and pool._servers["gpu"].commit == "f" * 40
+        assert pool._servers["gpu"].heavy and light.proc.wait(20) == 0
         time.sleep(0.5)
         assert old.proc.poll() is None  # its child still runs
         assert proc.wait(30) == 0 and store.get(job["id"])["status"] == "succeeded"

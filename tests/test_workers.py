@@ -156,6 +156,13 @@ def _pool(env: dict[str, str], head: Any = git_commit) -> ProcessPool:
     return ProcessPool(env["LAB_DB"], runs, "testhost", head=head)
 
 
+def _standbys(pool: ProcessPool, lane: str, n: int = 1) -> list[Any]:
+    """The lane's `n` standbys once there are that many: a light lane's come from its fork server,
+    which is ready a python's start-up after the first `warm`."""
+    wait_for(lambda: len(pool._ready.get(lane, [])) >= n, 30, f"{n} standbys on lane {lane}")
+    return list(pool._ready[lane])
+
+
 def test_progress_records_when_the_first_step_ended(queue) -> None:
     """bench/card_idle.py reads the card's idle time from these, not from logs."""
     store, env = queue
@@ -170,23 +177,33 @@ def test_progress_records_when_the_first_step_ended(queue) -> None:
     assert before <= progress["first_step_at"] <= progress["step_at"] <= time.time()
 
 
-def test_the_pool_retires_standbys_of_an_older_commit(queue, monkeypatch) -> None:
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "python"])
+def test_the_pool_retires_standbys_of_an_older_commit(queue, monkeypatch, fork) -> None:
     """After a `git commit` the daemon's next `warm` (every heartbeat) replaces the standbys that
-    imported the old code. HEAD is a parameter here: a test must not commit to the checkout."""
+    imported the old code: forked by the lane's light fork server (the default; the server of the
+    old commit is retired with them) or started with python. HEAD is a parameter here: a test
+    must not commit to the checkout."""
     store, env = queue
     monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "1")
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_FORK", str(fork).lower())
     head = ["a" * 40]
     pool = _pool(env, head=lambda: head[0])
     try:
         pool.warm("gpu")
-        (old,) = pool._ready["gpu"]
+        (old,) = _standbys(pool, "gpu")
+        assert old.forked == fork and not old.heavy
+        server = pool._servers.get("gpu")
+        assert (server is not None and not server.heavy) == fork
         pool.warm("gpu")
         assert pool._ready["gpu"] == [old]  # HEAD unchanged: kept
         head[0] = "b" * 40
         pool.warm("gpu")
-        (new,) = pool._ready["gpu"]
-        assert new.commit == "b" * 40 and new.proc.pid != old.proc.pid
+        (new,) = _standbys(pool, "gpu")
+        assert new.commit == "b" * 40 and new.proc.pid != old.proc.pid and new.forked == fork
         assert old.proc.wait(20) == 0  # told it is not needed (stdin closed): it left by itself
+        if fork:
+            assert pool._servers["gpu"] is not server and pool._servers["gpu"].commit == "b" * 40
+            assert server.proc.wait(20) == 0  # retired, it left once its child had
     finally:
         pool.close()
 
@@ -218,7 +235,7 @@ def test_a_stale_standby_runs_its_job_as_a_fresh_process(queue, monkeypatch) -> 
     pool = _pool(env, head=lambda: "0" * 40)  # what the daemon saw as HEAD when it started it
     try:
         pool.warm("gpu")
-        (standby,) = pool._ready["gpu"]
+        (standby,) = _standbys(pool, "gpu")
         job = claim(store, env, lane="gpu", seconds=0.1)
         outcome = run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
                           stop_deadline=lambda: None, pool=pool)
@@ -237,11 +254,15 @@ def test_a_current_standby_records_its_commit(queue, monkeypatch) -> None:
     pool = _pool(env)
     try:
         pool.warm("gpu")
+        (standby,) = _standbys(pool, "gpu")
+        # Forked from the lane's light server: the queue's code, not torch (~0.5 GB, seconds)
+        assert "libtorch" not in Path(f"/proc/{standby.proc.pid}/maps").read_text()
         job = claim(store, env, lane="gpu", seconds=0.1)
         assert run_job(store, job, db=env["LAB_DB"], runs=Path(env["LAB_RUNS"]), host="testhost",
                        stop_deadline=lambda: None, pool=pool) == "succeeded"
     finally:
         pool.close()
+    assert store.get(job["id"])["pid"] == standby.proc.pid and standby.forked
     log = (Path(job["run_dir"]) / "log.txt").read_text()
     assert f"code of commit {git_commit()} (loaded before the job came)" in log
     assert "restarting" not in log

@@ -1,11 +1,13 @@
 """`python -m workers.fork_server`: a lane's fork server (the daemon's side: workers.forked).
 
-It loads what a training job needs before its first step, once (workers.run.preload: torch, its
-first optimizer, the models, the harness, matplotlib, the sample's tokens; never a CUDA context,
-which a forked child could not use), says "ready" on its request socket, and then forks one
-standby per request. A child starts where a standby started with python waits for its job
-(workers.run.main, `--standby`), everything already imported: a fork of this ~0.5 GB process
-takes milliseconds where a fresh preload takes ~3.5 CPU-s, so standbys keep up with short jobs.
+Where the lane trains (LAB_STANDBY_PRELOAD=torch) it loads what a training job needs before its
+first step, once (workers.run.preload: torch, its first optimizer, the models, the harness,
+matplotlib, the sample's tokens; never a CUDA context, which a forked child could not use);
+elsewhere (`light`) only the queue's own code, which its import below already did. Then it says
+"ready" on its request socket and forks one standby per request. A child starts where a standby
+started with python waits for its job (workers.run.main, `--standby`), everything already
+imported: a fork of this process takes milliseconds where a fresh preload takes ~3.5 CPU-s (a
+light standby's python ~0.35 CPU-s), so standbys keep up with short jobs.
 
 A request carries the child's fds (SCM_RIGHTS): its stdin's read end, the write end of its
 status pipe and, on the GPU lane, the write end of its "card released" pipe. The server answers
@@ -41,7 +43,7 @@ def _say(message: str) -> None:
     run._say(f"lab: fork server pid {os.getpid()}: {message}")
 
 
-def _child(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWatch) -> None:
+def _child(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWatch, heavy: bool) -> None:
     """In the forked child: become a standby of its own (session, stdin, card pipe) and run."""
     code = 1
     try:
@@ -57,7 +59,7 @@ def _child(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWa
         if card:
             os.set_inheritable(card[0], True)  # as Popen's pass_fds: it survives a re-exec (fresh_code)
             os.environ[CARD_FD_ENV] = str(card[0])
-        os.environ[PRELOAD_ENV] = "forked"
+        os.environ[PRELOAD_ENV] = "forked" if heavy else "light"  # "forked": all a training job loads
         code = run.main(["--standby"], watch=watch)
     except BaseException:
         traceback.print_exc()
@@ -70,7 +72,8 @@ def serve() -> int:
     watch = HeadWatch()  # the children's: a commit after this makes a handed-over child re-exec
     if lane == "gpu":
         gpu_lock.lock_path()  # names the card once (nvidia-smi) for every child
-    if not _preload(lane):
+    heavy = os.environ.get(PRELOAD_ENV) == "torch"
+    if heavy and not _preload(lane):
         return 0
     # Every object loaded so far moves out of the collector's reach: a collection in a child would
     # otherwise write to all of them (gc headers) and copy each page the fork shared.
@@ -106,7 +109,7 @@ def serve() -> int:
                 for fd in fds:
                     os.close(fd)
                 continue
-            pid = _fork(fds, sock, [wake_r, wake_w, *children.values()], watch)
+            pid = _fork(fds, sock, [wake_r, wake_w, *children.values()], watch, heavy)
             if pid > 0:
                 children[pid] = fds[1]
             try:
@@ -136,7 +139,7 @@ def _preload(lane: str) -> bool:
     return not stop.is_set()
 
 
-def _fork(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWatch) -> int:
+def _fork(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWatch, heavy: bool) -> int:
     """The child's pid (its fds but the status pipe's closed here), or -1 (no process)."""
     try:
         pid = os.fork()
@@ -146,7 +149,7 @@ def _fork(fds: list[int], sock: socket.socket, others: list[int], watch: HeadWat
             os.close(fd)
         return -1
     if pid == 0:
-        _child(fds, sock, others, watch)
+        _child(fds, sock, others, watch, heavy)
     for fd in fds[:1] + fds[2:]:
         os.close(fd)  # stdin's read end and the card pipe's write end are the child's alone
     return pid

@@ -107,12 +107,13 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """One lane's fork server, loaded with `commit`'s code. `ready` is set once it has preloaded
-    (`on_ready` is then called, from a thread of its own); `fork` asks it for a standby."""
+    """One lane's fork server, loaded with `commit`'s code, and with torch and the training
+    modules if `heavy`. `ready` is set once it has preloaded (`on_ready` is then called, from a
+    thread of its own); `fork` asks it for a standby."""
 
     def __init__(self, env: dict[str, str], commit: str, log_path: Path,
-                 on_ready: Callable[[], None] | None = None):
-        self.commit = commit
+                 on_ready: Callable[[], None] | None = None, heavy: bool = True):
+        self.commit, self.heavy = commit, heavy
         self.ready = threading.Event()
         self._lock = threading.Lock()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

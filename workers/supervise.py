@@ -311,9 +311,12 @@ class ProcessPool:
     commit re-executes itself before it starts, so a job never runs old code while its files
     record the new commit. `head` is a parameter so a test can move HEAD without a git commit.
 
-    A lane that trains forks its standbys from its fork server (workers.forked; one per lane and
-    commit, QUEUE.standby_fork): the preload is paid once per commit, not once per job, so short
-    jobs no longer outrun the supply. Until the server is ready the lane has light standbys."""
+    A lane forks its standbys from its fork server (workers.forked; one per lane and commit,
+    QUEUE.standby_fork): the preload is paid once per commit, not once per job, so short jobs no
+    longer outrun the supply. Where the lane trains the server preloads torch, and until it is
+    ready the lane has light standbys started with python; elsewhere it is light itself (the
+    queue's code: ready in a python's start-up time) and the lane waits for its forks, not
+    starting pythons beside it (a job that comes first gets a fresh one)."""
 
     def __init__(self, db: str, runs: Path, host: str, head: Callable[[], str] | None = None):
         self.db, self.runs, self.host = db, runs, host
@@ -324,63 +327,71 @@ class ProcessPool:
         # The kinds of the lane's last jobs (or of its first queued one at start): whether its
         # next standbys preload torch.
         self._recent: dict[str, deque[str]] = {}
-        # A lane that trains forks its standbys from a process that preloaded once per commit.
+        # A lane forks its standbys from a process that loaded once per commit (torch where it trains).
         self._servers: dict[str, ForkServer] = {}
         self._old_servers: list[ForkServer] = []  # retired, exiting once their children have
-        self._server_failed: dict[str, str] = {}  # lane -> the commit whose server died unready
+        # (lane, heavy) -> the commit whose server of that kind died before it was ready
+        self._server_failed: dict[tuple[str, bool], str] = {}
         self._quiet_until: dict[str, float] = {}  # lane -> no standby start before (monotonic)
         self._lock = threading.RLock()
         self.closed = False
 
     def _spawn(self, lane: str, commit: str) -> Standby:
-        """A standby for `lane`: forked when the lane trains and its fork server is ready; else
-        started with python, preloading for itself only where there is no fork server to wait
-        for (QUEUE.standby_fork off), light otherwise (the server's forks replace it)."""
+        """A standby for `lane`: forked when its fork server is ready and has what the lane
+        needs; else started with python, preloading for itself only where there is no fork
+        server to wait for (QUEUE.standby_fork off), light otherwise (the server's forks replace
+        it)."""
         heavy = self.wants_torch(lane)
         with self._lock:
             server = self._servers.get(lane)
-            if heavy and server is not None and server.commit == commit and server.ready.is_set():
+            if (server is not None and server.commit == commit and server.ready.is_set()
+                    and (server.heavy or not heavy)):
                 try:
                     proc, r = server.fork(card=lane == "gpu")
-                    return Standby(proc, commit, True, r, forked=True)
+                    return Standby(proc, commit, server.heavy, r, forked=True)
                 except OSError as e:  # it died or hangs: retired; standbys start with python meanwhile
                     print(f"lab: the {lane} lane's fork server did not fork ({e}); starting a standby "
                           "with python", file=sys.stderr)
                     self._drop_server(lane)
-            preloading = heavy and not self._can_fork(lane, commit)
+            preloading = heavy and not self._can_fork(lane, commit, heavy)
         env = lane_env(lane, self.db, self.runs, self.host)
         env[COMMIT_ENV], env[PRELOAD_ENV] = commit, "torch" if preloading else "light"
         with open(self.runs / "workers.log", "ab") as log:  # start-up errors before a job is assigned
             proc, r = start_job_process(["--standby"], env, log, subprocess.PIPE, lane == "gpu")
         return Standby(proc, commit, preloading, r)
 
-    def _server(self, lane: str, head: str) -> ForkServer | None:
-        """The lane's fork server for `head`, started if there is none (it is ready some seconds
-        later and then tops the lane up); None when forking is off or the server for `head` died
-        before it was ready (standbys then start with python until HEAD moves)."""
+    def _server(self, lane: str, head: str, heavy: bool) -> ForkServer | None:
+        """The lane's fork server for `head`, started if there is none or the lane now trains and
+        it is light (it is ready some time later and then tops the lane up); a server that
+        preloaded torch also serves light jobs. None when forking is off or the server for `head`
+        died before it was ready (standbys then start with python until HEAD moves)."""
         if not config.queue_config().standby_fork:
             return None
         server = self._servers.get(lane)
-        if server is not None and (server.commit != head or not server.alive()):
+        too_light = heavy and server is not None and not server.heavy
+        if server is not None and (server.commit != head or not server.alive() or too_light):
             self._drop_server(lane)
             server = None
-        if server is None and self._can_fork(lane, head) and not self.closed:
+        if server is None and self._can_fork(lane, head, heavy) and not self.closed:
             env = lane_env(lane, self.db, self.runs, self.host)
-            env[COMMIT_ENV], env[PRELOAD_ENV] = head, "torch"
-            server = ForkServer(env, head, self.runs / "workers.log", on_ready=lambda: self._refill(lane))
+            env[COMMIT_ENV], env[PRELOAD_ENV] = head, "torch" if heavy else "light"
+            server = ForkServer(env, head, self.runs / "workers.log", on_ready=lambda: self._refill(lane),
+                                heavy=heavy)
             self._servers[lane] = server
         return server
 
-    def _can_fork(self, lane: str, commit: str) -> bool:
-        """Forking is on, and the lane's server for `commit` has not died before it was ready."""
-        return config.queue_config().standby_fork and self._server_failed.get(lane) != commit
+    def _can_fork(self, lane: str, commit: str, heavy: bool) -> bool:
+        """Forking is on, and the lane's server of this kind for `commit` has not died before it
+        was ready."""
+        return config.queue_config().standby_fork and self._server_failed.get((lane, heavy)) != commit
 
     def _drop_server(self, lane: str) -> None:
         server = self._servers.pop(lane, None)
         if server is None:
             return
         if not server.ready.is_set() and server.proc.poll() is not None:
-            self._server_failed[lane] = server.commit  # not again for this commit: it cannot load
+            # not again for this commit: it cannot load
+            self._server_failed[(lane, server.heavy)] = server.commit
         server.retire()  # it exits once its children (running jobs among them) have
         self._old_servers.append(server)
 
@@ -431,9 +442,7 @@ class ProcessPool:
             self._old_servers = [s for s in self._old_servers if s.proc.poll() is None]
             ready = self._ready.setdefault(lane, [])
             heavy = self.wants_torch(lane)
-            if not heavy and lane in self._servers and self._servers[lane].commit != head:
-                self._drop_server(lane)  # kept while the lane runs light jobs, not past a commit
-            server = self._server(lane, head) if heavy else None
+            server = self._server(lane, head, heavy)
             # A light standby on a lane that trains makes way once a loaded one can be had now.
             loaded_now = heavy and (server is None or server.ready.is_set())
             keep = []
@@ -450,6 +459,8 @@ class ProcessPool:
             ready[:] = keep
             if time.monotonic() < self._quiet_until.get(lane, 0.0):
                 return
+            if server is not None and not server.heavy and not server.ready.is_set():
+                return  # its on_ready tops the lane up with forks
             while not self.closed and len(ready) < self.size(lane):
                 ready.append(self._spawn(lane, head))
 
