@@ -707,7 +707,8 @@ class QueueConfig(Validated):
                                       "time (VRAM per standby: ~0.3-0.5 GiB beside the running job)")
     # For this long after handing a job to its process the supervisor leaves the job's start
     # (store read, GPU lock, mark started: ~10 ms) to itself: no new standby (a python start-up
-    # takes a core), no pid or heartbeat write (two writers make one wait on SQLite's lock).
+    # takes a core), no pid or heartbeat write (two writers make one wait on SQLite's lock). But
+    # one is started at once where the job took the lane's last (workers.supervise.ProcessPool).
     handover_seconds: float = setting(0.05, 0.0, 10.0, "after a hand-over: no standby start or store write")
     # A training job's start goes on past that: data, model, its baseline eval, its first steps
     # (on a card, also its CUDA context). A standby forked or started meanwhile took a core from

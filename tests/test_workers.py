@@ -227,6 +227,35 @@ def test_after_a_training_jobs_hand_over_its_lane_starts_no_standby_for_a_while(
         pool.close()
 
 
+def test_light_jobs_faster_than_the_quiet_time_do_not_use_the_lane_up(queue, monkeypatch) -> None:
+    """Within a light job's quiet time (QUEUE.handover_seconds) the lane starts no standby while
+    one is left; once a hand-over takes the last one it starts one at once, not after the window:
+    trivial jobs handed over faster than the window each found the lane empty and waited for a
+    start of their own (bench/queue_overhead.py: gaps of 0.06-0.1 s every few jobs)."""
+    store, env = queue
+    monkeypatch.setenv("LAB_QUEUE_STANDBY_GPU", "2")
+    monkeypatch.setenv("LAB_QUEUE_HANDOVER_SECONDS", "10")
+    pool = _pool(env)
+    procs = []
+    try:
+        pool.warm("gpu")
+        _standbys(pool, "gpu", 2)
+        for expect_left in (1, 0):  # as run_job hands a sleep over: take, then refill
+            job = claim(store, env, lane="gpu", seconds=0.1)
+            procs.append(pool.take(job, Path(job["run_dir"]) / "log.txt"))
+            pool.refill("gpu")
+            assert len(pool._ready["gpu"]) == expect_left
+        t0 = time.monotonic()
+        (new,) = _standbys(pool, "gpu")
+        assert time.monotonic() - t0 < 5 and new.forked  # not the window's 10 s
+        time.sleep(0.5)
+        assert len(pool._ready["gpu"]) == 1  # one, not the lane's size, inside the window
+    finally:
+        pool.close()
+    for proc in procs:
+        assert proc.wait(20) == 0
+
+
 def test_a_stale_standby_runs_its_job_as_a_fresh_process(queue, monkeypatch) -> None:
     """A standby started before a commit and handed a job after it (before the pool's next warm)
     re-executes itself: same pid, which the supervisor watches on, and the new code runs."""

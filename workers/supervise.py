@@ -332,7 +332,10 @@ class ProcessPool:
         self._old_servers: list[ForkServer] = []  # retired, exiting once their children have
         # (lane, heavy) -> the commit whose server of that kind died before it was ready
         self._server_failed: dict[tuple[str, bool], str] = {}
-        self._quiet_until: dict[str, float] = {}  # lane -> no standby start before (monotonic)
+        # lane -> no standby start before (monotonic), but one if none is left; no start at all
+        # before `_strict_until` (a training job's start: QUEUE.handover_train_seconds)
+        self._quiet_until: dict[str, float] = {}
+        self._strict_until: dict[str, float] = {}
         self._lock = threading.RLock()
         self.closed = False
 
@@ -435,7 +438,8 @@ class ProcessPool:
     def warm(self, lane: str) -> None:
         """Top the lane up to its size, first retiring standbys of an older commit and, when the
         lane now trains, light ones (they would import torch only once handed a job). Within a
-        hand-over's quiet time (`refill`) it only retires."""
+        hand-over's quiet time (`refill`) it only retires, or after a light job's hand-over
+        starts one standby where none is left."""
         head = self.head()  # a git subprocess: outside the lock, and never on a job's start path
         with self._lock:
             self._retired = [p for p in self._retired if p.poll() is None]
@@ -457,11 +461,17 @@ class ProcessPool:
                 else:
                     keep.append(s)
             ready[:] = keep
-            if time.monotonic() < self._quiet_until.get(lane, 0.0):
+            now = time.monotonic()
+            quiet = now < self._quiet_until.get(lane, 0.0)
+            if now < self._strict_until.get(lane, 0.0) or (quiet and ready):
                 return
             if server is not None and not server.heavy and not server.ready.is_set():
                 return  # its on_ready tops the lane up with forks
-            while not self.closed and len(ready) < self.size(lane):
+            # Quiet, but none left: one now. Light jobs coming faster than the quiet time would
+            # otherwise use the lane up and each wait for a start of its own, which costs the
+            # next job more than sharing the cores with it costs this one.
+            want = 1 if quiet else self.size(lane)
+            while not self.closed and len(ready) < want:
                 ready.append(self._spawn(lane, head))
 
     def take(self, job: dict[str, Any], log_path: Path) -> JobProcess:
@@ -519,14 +529,21 @@ class ProcessPool:
         also its data, model and baseline eval: QUEUE.handover_train_seconds), so a new
         standby's start takes no CPU from it. Until then the lane's other refills (the
         heartbeat's `warm`, a fork server coming ready) start none either; `take` still starts
-        one when no standby is left. The supervisor's thread goes back to watching at once."""
+        one when no standby is left. A light job that took the lane's last standby has one
+        started at once (`warm`: one if none is left), so short jobs do not use the lane up.
+        The supervisor's thread goes back to watching at once."""
         q = config.queue_config()
         delay = max(q.handover_seconds, q.handover_train_seconds) if training else q.handover_seconds
         with self._lock:  # set before the timer starts, so its own warm comes after the window
-            self._quiet_until[lane] = max(self._quiet_until.get(lane, 0.0), time.monotonic() + delay)
-        timer = threading.Timer(delay, self._refill, args=(lane,))
-        timer.daemon = True
-        timer.start()
+            until = time.monotonic() + delay
+            self._quiet_until[lane] = max(self._quiet_until.get(lane, 0.0), until)
+            if training:
+                self._strict_until[lane] = max(self._strict_until.get(lane, 0.0), until)
+            used_up = not training and not self._ready.get(lane)
+        for wait in (0.0, delay) if used_up else (delay,):
+            timer = threading.Timer(wait, self._refill, args=(lane,))
+            timer.daemon = True
+            timer.start()
 
     def _refill(self, lane: str) -> None:
         try:
