@@ -314,7 +314,8 @@ class ProcessPool:
     A lane forks its standbys from its fork server (workers.forked; one per lane and commit,
     QUEUE.standby_fork): the preload is paid once per commit, not once per job, so short jobs no
     longer outrun the supply. Where the lane trains the server preloads torch, and until it is
-    ready the lane has light standbys started with python; elsewhere it is light itself (the
+    ready the lane has light standbys (those its light server forked, else started with
+    python); elsewhere it is light itself (the
     queue's code: ready in a python's start-up time) and the lane waits for its forks, not
     starting pythons beside it (a job that comes first gets a fresh one)."""
 
@@ -449,13 +450,16 @@ class ProcessPool:
             server = self._server(lane, head, heavy)
             # A light standby on a lane that trains makes way once a loaded one can be had now.
             loaded_now = heavy and (server is None or server.ready.is_set())
+            # A retired server still reports its children's exit statuses until they are gone.
+            reporting = {x.proc.pid for x in (server, *self._old_servers)
+                         if x is not None and x.proc.poll() is None}
             keep = []
             for s in ready:
                 if s.proc.poll() is not None:
                     s.close_pipe()
                     continue
-                # Forked by a server that is gone (died, retired): its exit status could be lost.
-                orphan = s.forked and getattr(s.proc, "server_pid", None) != (server and server.proc.pid)
+                # Forked by a server that died: its exit status could be lost.
+                orphan = s.forked and getattr(s.proc, "server_pid", None) not in reporting
                 if s.commit != head or (loaded_now and not s.heavy) or orphan:
                     self._retire(s)
                 else:
