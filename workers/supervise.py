@@ -315,9 +315,9 @@ class ProcessPool:
     QUEUE.standby_fork): the preload is paid once per commit, not once per job, so short jobs no
     longer outrun the supply. Where the lane trains the server preloads torch, and until it is
     ready the lane has light standbys (those its light server forked, else started with
-    python); elsewhere it is light itself (the
-    queue's code: ready in a python's start-up time) and the lane waits for its forks, not
-    starting pythons beside it (a job that comes first gets a fresh one)."""
+    python); elsewhere it is light itself (the queue's code: ready in a python's start-up time)
+    and the lane waits for its forks, not starting pythons beside it (a job that comes first
+    gets a fresh one)."""
 
     def __init__(self, db: str, runs: Path, host: str, head: Callable[[], str] | None = None):
         self.db, self.runs, self.host = db, runs, host
