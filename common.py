@@ -40,6 +40,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+_loaded_commit: str | None = None  # set by workers.run in a standby: see code_commit
+
+
+def set_loaded_commit(commit: str) -> None:
+    """The commit this process's code was loaded from, checked against HEAD (workers.run)."""
+    global _loaded_commit
+    _loaded_commit = commit
+
+
+def code_commit() -> str:
+    """The commit of the code this process runs, for the records a run writes: in a queue job
+    run by a standby, the commit it loaded before the job came (checked against HEAD when the
+    job came: git is not asked again, ~4 ms between the card's jobs, and a commit landing
+    mid-job is not taken for the code that ran); else HEAD now."""
+    return _loaded_commit or git_commit()
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

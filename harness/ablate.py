@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 import config
-from common import git_commit, utc_now, write_json_atomic
+from common import code_commit, utc_now, write_json_atomic
 from config import ConfigError
 from harness import stats
 from harness.tasks import TASK_NAMES, Task, make_task
@@ -673,7 +673,7 @@ def run_ablation(spec: AblationSpec, ctx: Any) -> dict[str, Any]:
     import torch
 
     started, t0 = datetime.now(UTC), time.monotonic()
-    commit = git_commit()  # the code that runs: read now, not after a later commit
+    commit = code_commit()  # the code that runs: read now, not after a later commit
     run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     task = make_task(spec.task, spec.task_dir or None, seed=0)

@@ -397,12 +397,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _write_config(path: Path, cfg: config.Config, task_info: dict[str, Any], params: int, device: str,
                   resume: bool, step: int) -> None:
     """config.json as models/train.py writes it, with the task where a token run has its data."""
-    from common import git_commit, utc_now, write_json_atomic
+    from common import code_commit, utc_now, write_json_atomic
     from models.train import package_versions
 
     info = json.loads(path.read_text()) if resume and path.exists() else {"created_at": utc_now()}
     info.update({"config": cfg.to_dict(), "task": task_info, "params": params, "device": device,
-                 "git_commit": git_commit(), "versions": package_versions()})
+                 "git_commit": code_commit(), "versions": package_versions()})
     if resume:
         info.setdefault("resumes", []).append({"at": utc_now(), "step": step})
     write_json_atomic(path, info)

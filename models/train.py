@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import git_commit, replace_atomic, utc_now, write_atomic, write_json_atomic
+from common import code_commit, replace_atomic, utc_now, write_atomic, write_json_atomic
 from config import CKPT_BEST, CKPT_LAST, EVAL_SEED_OFFSET, Config, ConfigError
 from models import build_model, count_params
 from models.data import TokenData
@@ -282,7 +282,7 @@ class _Trainer:
                      "tokens": self.data.n_tokens, "tokenizer": self.data.meta["tokenizer"]},
             "params": self.params,
             "device": str(self.device),
-            "git_commit": git_commit(),
+            "git_commit": code_commit(),
             "versions": package_versions(),
         })
         if resume:
