@@ -169,3 +169,17 @@ def test_with_forking_off_a_training_standby_preloads_for_itself(queue, monkeypa
         assert pool._servers == {} and all(s.heavy and not s.forked for s in pool._ready["gpu"])
     finally:
         pool.close()
+
+
+def test_proc_stat_reads_a_live_a_zombie_and_a_gone_process() -> None:
+    import subprocess
+    import sys
+
+    from workers.forked import proc_stat
+
+    me = proc_stat(os.getpid())
+    assert me is not None and int(me[1]) == os.getppid()  # state, then ppid
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for(lambda: (proc_stat(child.pid) or ["?"])[0] == "Z", 10, "the child to exit unreaped")
+    child.wait()
+    assert proc_stat(child.pid) is None

@@ -35,8 +35,8 @@ import traceback
 
 import config
 from workers import gpu_lock, run
-from workers.forked import READY, SOCKET_FD_ENV
-from workers.supervise import CARD_FD_ENV, PRELOAD_ENV, HeadWatch
+from workers.forked import PRELOAD_ENV, READY, SOCKET_FD_ENV
+from workers.supervise import CARD_FD_ENV, HeadWatch
 
 
 def _say(message: str) -> None:

@@ -31,9 +31,28 @@ from typing import IO
 
 # The fd number of the server's end of its request socket.
 SOCKET_FD_ENV = "LAB_FORK_SERVER_FD"
+# What a standby or fork server loads ahead of its job: torch and the training modules ("torch"),
+# the queue's own code only ("light"), or nothing more, being a fork of a server that has
+# ("forked").
+PRELOAD_ENV = "LAB_STANDBY_PRELOAD"
 READY = b"ready\n"
 # The exit status of a child whose server died before it could say: not the job's own verdict.
 EXIT_LOST = -1000
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, ppid, pgrp, ...), or None if that
+    process is gone. Raises FileNotFoundError where there is no /proc at all."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if not Path("/proc").is_dir():
+            raise
+        return None
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after the last ')'
+    return stat.rsplit(")", 1)[1].split()
 
 
 class ForkedProcess:
@@ -51,11 +70,9 @@ class ForkedProcess:
     def _alive(self) -> bool:
         """Running (a zombie is not: where pid 1 does not reap, an orphan stays one)."""
         try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-            return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except OSError:  # no /proc
+            fields = proc_stat(self.pid)
+            return fields is not None and fields[0] not in ("Z", "X")
+        except FileNotFoundError:  # no /proc
             try:
                 os.kill(self.pid, 0)
                 return True
@@ -117,7 +134,7 @@ class ForkServer:
         self.ready = threading.Event()
         self._lock = threading.Lock()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(env, **{SOCKET_FD_ENV: str(theirs.fileno())})
+        env = dict(env, **{SOCKET_FD_ENV: str(theirs.fileno()), PRELOAD_ENV: "torch" if heavy else "light"})
         try:
             with open(log_path, "ab") as log:
                 self.proc = subprocess.Popen(

@@ -53,10 +53,10 @@ from jobs.paths import check_spec_paths
 from store import Store, iso
 from workers import gpu_lock
 from workers.eta import EtaEstimator
+from workers.forked import PRELOAD_ENV
 from workers.supervise import (
     CARD_FD_ENV,
     COMMIT_ENV,
-    PRELOAD_ENV,
     RELEASED,
     STOPPED_FILE,
     TRAINING_KINDS,

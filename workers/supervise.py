@@ -33,7 +33,7 @@ from typing import Any
 
 import config
 from store import Store
-from workers.forked import EXIT_LOST, ForkedProcess, ForkServer
+from workers.forked import EXIT_LOST, PRELOAD_ENV, ForkedProcess, ForkServer, proc_stat
 
 # A job's process: started with python, or forked by its lane's fork server (workers.forked).
 JobProcess = subprocess.Popen | ForkedProcess
@@ -85,15 +85,8 @@ def group_members(pgid: int) -> list[int]:
             return []
     out = []
     for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after the last ')'
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = proc_stat(int(d.name)) if d.name.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
             out.append(int(d.name))
     return out
 
@@ -217,8 +210,8 @@ def lane_env(lane: str, db: str, runs: Path, host: str) -> dict[str, str]:
 # not load the CPUs while short jobs follow each other.
 TRAINING_KINDS = frozenset({"smoke", "train", "eval", "ablation"})
 # Env of a standby: the commit whose code it loads (it re-executes itself if HEAD moved before
-# its job came: workers.run.main), and whether to preload torch ("torch") or not ("light").
-COMMIT_ENV, PRELOAD_ENV = "LAB_STANDBY_COMMIT", "LAB_STANDBY_PRELOAD"
+# its job came: workers.run.main); PRELOAD_ENV (workers.forked) says what it loads.
+COMMIT_ENV = "LAB_STANDBY_COMMIT"
 
 
 class HeadWatch:
@@ -378,7 +371,7 @@ class ProcessPool:
             server = None
         if server is None and self._can_fork(lane, head, heavy) and not self.closed:
             env = lane_env(lane, self.db, self.runs, self.host)
-            env[COMMIT_ENV], env[PRELOAD_ENV] = head, "torch" if heavy else "light"
+            env[COMMIT_ENV] = head
             server = ForkServer(env, head, self.runs / "workers.log", on_ready=lambda: self._refill(lane),
                                 heavy=heavy)
             self._servers[lane] = server
