@@ -320,13 +320,15 @@ class TrainConfig(Validated):
     seed: int = setting(1337, 0, 2**31 - 1)
     threads: int = setting(0, 0, 1024, "torch CPU threads; 0 leaves torch's default")
     # torch.compile of the model's forward + loss in the training step (models/step.py; the
-    # optimizer stays eager). Off by default, by bench/train_speed.py --compile on 2 CPU cores
-    # (2026-12-01): compiled steps 1.25x (refiner) and 1.21x (plain GPT) faster, but compiling
-    # took 118 s and 51 s per graph, and a refiner compiles one graph per loop depth it samples:
-    # ~2,000 steps per depth before it pays, more than any smoke or ablation arm trains. On a
-    # card, run the bench there (compile time and speed-up both change) before turning it on.
+    # optimizer stays eager). Off by default, by bench/train_speed.py --compile on 2 CPU cores:
+    # compiled steps 1.42x (refiner) and 1.40x (plain GPT) faster on a quiet box (2026-12-02;
+    # 1.25x / 1.21x under load the day before), but compiling took 37 s and 17 s per graph from
+    # a cold cache (118 s / 51 s under load), and a refiner compiles one graph per loop depth it
+    # samples: ~850 steps per depth before it pays (43 ms saved a step), where the default
+    # ablation's refiner arm trains 600 steps over 6 depths and a smoke 40. On a card, run the
+    # bench there (compile time and speed-up both change) before turning it on.
     compile: bool = setting(False, doc="torch.compile the model's forward and loss in training "
-                            "(CPU: 1.2x per step, 1-2 min of compiling per depth; see config.py)")
+                            "(CPU: 1.2-1.4x per step, 0.5-2 min of compiling per depth; see config.py)")
 
 
 @dataclass(frozen=True)
