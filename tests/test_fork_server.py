@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from helpers_daemon import queue_env, set_env, wait_for
 
 from common import git_commit
 from store import Store
-from workers.forked import EXIT_LOST, ForkedProcess
+from workers.forked import EXIT_LOST, ForkedProcess, proc_stat
 from workers.supervise import ProcessPool, describe_exit, run_job
 
 # Two arms of one seed each, four steps: the seed pool's two processes, not what they learn.
@@ -172,11 +174,6 @@ def test_with_forking_off_a_training_standby_preloads_for_itself(queue, monkeypa
 
 
 def test_proc_stat_reads_a_live_a_zombie_and_a_gone_process() -> None:
-    import subprocess
-    import sys
-
-    from workers.forked import proc_stat
-
     me = proc_stat(os.getpid())
     assert me is not None and int(me[1]) == os.getppid()  # state, then ppid
     child = subprocess.Popen([sys.executable, "-c", "pass"])

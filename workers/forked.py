@@ -42,7 +42,8 @@ EXIT_LOST = -1000
 
 def proc_stat(pid: int) -> list[str] | None:
     """/proc/PID/stat's fields after the command name (state, ppid, pgrp, ...), or None if that
-    process is gone. Raises FileNotFoundError where there is no /proc at all."""
+    process is gone (or its stat cannot be read). Raises FileNotFoundError where there is no
+    /proc at all."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
