@@ -241,6 +241,9 @@ def test_light_jobs_faster_than_the_quiet_time_do_not_use_the_lane_up(queue, mon
         pool.warm("gpu")
         _standbys(pool, "gpu", 2)
         for expect_left in (1, 0):  # as run_job hands a sleep over: take, then refill
+            # The lane claims one job at a time: the one before must have ended (0.1 s, well
+            # inside the 10 s window) before the next is claimed.
+            assert all(proc.wait(20) == 0 for proc in procs)
             job = claim(store, env, lane="gpu", seconds=0.1)
             procs.append(pool.take(job, Path(job["run_dir"]) / "log.txt"))
             pool.refill("gpu")
